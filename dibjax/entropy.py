@@ -482,7 +482,7 @@ def renyi_entropy(
     method: str = "auto",
     key: Array | None = None,
     num_probes: int = 16,
-    num_matvecs: int = 20,
+    num_matvecs: int = 12,
     deflation_rank: int = 64,
 ) -> Array:
     """Matrix-based Rényi α-order entropy ``S_α(A) = 1/(1-α) log_b Σ_i λ_i(A)^α``.
