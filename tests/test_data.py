@@ -1,0 +1,578 @@
+import functools
+import importlib.util
+import io
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from dibjax import data
+
+
+def _config(**fields):
+    defaults = {"name": "cifar10", "source": "npz", "dir": None, "train_limit": None, "test_limit": None}
+    return ml_collections.ConfigDict({**defaults, **fields})
+
+
+def _write_npz(path, n, num_classes=10, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    labels = (np.arange(n) % num_classes).astype(np.int64)
+    np.savez(path, image=images, label=labels)
+    return images, labels
+
+
+def _tiny(n=10, num_classes=10, size=4):
+    """Sample i is an image filled with the value i."""
+    images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, size, size, 3)).copy()
+    return data.ArrayDataset(images, (np.arange(n) % num_classes).astype(np.int32))
+
+
+# --------------------------------------------------------------------------- config errors
+
+
+def test_unknown_name_and_source_list_accepted_values_before_any_work(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match=r"'mnist'.*cifar10, cifar100, gtsrb"):
+        data.load(_config(name="mnist", dir=str(missing)))
+    with pytest.raises(ValueError, match=r"'hdf5'.*tfds, npz, gtsrb"):
+        data.load(_config(source="hdf5", dir=str(missing)))
+    with pytest.raises(ValueError, match=r"'gtsrb' cannot serve 'cifar10'.*gtsrb"):
+        data.load(_config(name="cifar10", source="gtsrb", dir=str(missing)))
+    with pytest.raises(ValueError, match=r"'tfds' cannot serve 'gtsrb'"):
+        data.load(_config(name="gtsrb", source="tfds", dir=str(missing)))
+    with pytest.raises(ValueError, match="train_limit"):
+        data.load(_config(dir=str(missing), train_limit=-1))
+    with pytest.raises(ValueError, match="config.dir"):
+        data.load(_config(dir=""))
+
+
+def test_dataset_info_constants():
+    assert data.DATASETS["cifar10"].mean == (0.4914, 0.4822, 0.4465)
+    assert data.DATASETS["cifar100"].std == (0.2673, 0.2564, 0.2762)
+    assert data.DATASETS["gtsrb"].num_classes == 43
+    assert data.DATASETS["cifar10"].flip and data.DATASETS["cifar100"].flip
+    assert not data.DATASETS["gtsrb"].flip  # a mirrored "keep left" is "keep right"
+
+
+# --------------------------------------------------------------------------- npz
+
+
+def test_npz_round_trip(tmp_path):
+    train_images, train_labels = _write_npz(tmp_path / "train.npz", 30, seed=1)
+    test_images, test_labels = _write_npz(tmp_path / "test.npz", 12, seed=2)
+    train, test, info = data.load(_config(dir=str(tmp_path)))
+    assert len(train) == 30 and len(test) == 12
+    assert train.images.dtype == np.uint8 and train.labels.dtype == np.int32
+    np.testing.assert_array_equal(train.images, train_images)
+    np.testing.assert_array_equal(train.labels, train_labels)
+    np.testing.assert_array_equal(test.images, test_images)
+    np.testing.assert_array_equal(test.labels, test_labels)
+    assert info.name == "cifar10" and info.num_classes == 10 and info.image_shape == (32, 32, 3)
+
+
+def test_npz_limits_take_a_fixed_shuffle(tmp_path):
+    train_images, train_labels = _write_npz(tmp_path / "train.npz", 40)
+    _write_npz(tmp_path / "test.npz", 20)
+    train, test, _ = data.load(_config(dir=str(tmp_path), train_limit=15, test_limit=0))
+    again, _, _ = data.load(_config(dir=str(tmp_path), train_limit=15))
+    assert len(train) == 15 and len(test) == 20
+    np.testing.assert_array_equal(train.images, again.images)
+    expected = np.random.default_rng(0).permutation(40)[:15]
+    np.testing.assert_array_equal(train.images, train_images[expected])
+    np.testing.assert_array_equal(train.labels, train_labels[expected])
+    # Class-agnostic: a prefix of the class-ordered file would not look like this.
+    assert len(np.unique(train.labels)) > 5
+
+
+def test_npz_image_size_mismatch(tmp_path):
+    _write_npz(tmp_path / "train.npz", 4, size=8)
+    _write_npz(tmp_path / "test.npz", 4, size=8)
+    _, _, info = data.load(_config(dir=str(tmp_path)))
+    assert info.image_shape == (8, 8, 3)
+    with pytest.raises(ValueError, match="image_size is 32 but the images are 8×8"):
+        data.load(_config(dir=str(tmp_path), image_size=32))
+
+
+@pytest.mark.parametrize(
+    ("image", "label", "message"),
+    [
+        (np.zeros((4, 8, 8, 3), np.float32), np.zeros(4, np.int64), "images must be a uint8 NumPy array, got float32"),
+        (
+            np.zeros((4, 8, 8), np.uint8),
+            np.zeros(4, np.int64),
+            r"images must have shape \(N, H, W, 3\), got \(4, 8, 8\)",
+        ),
+        (np.zeros((4, 8, 8, 1), np.uint8), np.zeros(4, np.int64), r"\(N, H, W, 3\), got \(4, 8, 8, 1\)"),
+        (np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4, np.float32), "labels must be an integer NumPy array"),
+        (np.zeros((4, 8, 8, 3), np.uint8), np.zeros((4, 1), np.int64), r"labels must have shape \(N,\)"),
+        (np.zeros((4, 8, 8, 3), np.uint8), np.zeros(3, np.int64), "4 images but 3 labels"),
+        (
+            np.zeros((4, 8, 8, 3), np.uint8),
+            np.array([0, 1, 10, 2]),
+            r"labels must lie in \[0, 10\), found values in \[0, 10\]",
+        ),
+        (np.zeros((4, 8, 8, 3), np.uint8), np.array([0, -1, 3, 2]), r"\[0, 10\)"),
+    ],
+)
+def test_npz_bad_contents_name_the_file(tmp_path, image, label, message):
+    _write_npz(tmp_path / "train.npz", 4)
+    np.savez(tmp_path / "test.npz", image=image, label=label)
+    with pytest.raises(ValueError, match=message) as error:
+        data.load(_config(dir=str(tmp_path)))
+    assert str(tmp_path / "test.npz") in str(error.value)
+
+
+def test_npz_missing_key_and_missing_files(tmp_path):
+    missing = tmp_path / "absent"
+    with pytest.raises(FileNotFoundError, match="train.npz and test.npz") as error:
+        data.load(_config(dir=str(missing)))
+    assert str(missing) in str(error.value)
+    _write_npz(tmp_path / "train.npz", 4)
+    with pytest.raises(FileNotFoundError, match="test.npz not found") as error:
+        data.load(_config(dir=str(tmp_path)))
+    assert str(tmp_path / "test.npz") in str(error.value)
+    np.savez(tmp_path / "test.npz", images=np.zeros((4, 8, 8, 3), np.uint8), label=np.zeros(4))
+    with pytest.raises(ValueError, match=r"test.npz: missing key\(s\) \['image'\]"):
+        data.load(_config(dir=str(tmp_path)))
+
+
+def test_array_dataset_refuses_wrong_arrays():
+    with pytest.raises(ValueError, match="labels must be int32"):
+        data.ArrayDataset(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="ArrayDataset: images must be a uint8"):
+        data.ArrayDataset(np.zeros((2, 4, 4, 3), np.int32), np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="somewhere: holds no samples"):
+        data.checked_dataset(np.zeros((0, 4, 4, 3), np.uint8), np.zeros(0, np.int32), num_classes=2, source="somewhere")
+    assert len(data.ArrayDataset(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int32))) == 2
+
+
+# --------------------------------------------------------------------------- GTSRB
+
+# (class, track, frame) of the training images; listed out of order on purpose.
+_TRAIN_SIGNS = [(10, 0, 1), (2, 1, 0), (0, 0, 1), (10, 0, 0), (2, 0, 0), (0, 0, 0), (2, 0, 1), (0, 1, 0)]
+_TEST_SIGNS = [(4, 2), (0, 0), (2, 1), (10, 3)]  # (file number, class), in CSV order
+_BORDER = (255, 0, 255)
+
+
+def _sign_image(index, width, height):
+    """An image with a solid ROI colour that identifies it, inside a magenta border."""
+    colour = (index * 20 % 256, 255 - index * 20 % 256, 7 * index % 256)
+    array = np.empty((height, width, 3), np.uint8)
+    array[:] = _BORDER
+    x1, y1, x2, y2 = 5, 4, width - 5, height - 4
+    array[y1:y2, x1:x2] = colour
+    return Image.fromarray(array), (x1, y1, x2, y2), colour
+
+
+def _sign_size(index):
+    return 34 + 3 * index, 30 + 2 * index  # varying, non-square sizes
+
+
+def _write_official(root, gt_folder=None):
+    """Writes the official layout under ``root``; GT-final_test.csv goes to ``gt_folder``."""
+    colours = {}
+    by_class = {}
+    for index, (label, track, frame) in enumerate(_TRAIN_SIGNS):
+        by_class.setdefault(label, []).append((index, track, frame))
+    for label, entries in by_class.items():
+        folder = root / "Final_Training" / "Images" / f"{label:05d}"
+        folder.mkdir(parents=True)
+        rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+        for index, track, frame in entries:
+            width, height = _sign_size(index)
+            image, (x1, y1, x2, y2), colour = _sign_image(index, width, height)
+            name = f"{track:05d}_{frame:05d}.ppm"
+            image.save(folder / name, format="PPM")
+            rows.append(f"{name};{width};{height};{x1};{y1};{x2};{y2};{label}")
+            colours[(label, track, frame)] = colour
+        (folder / f"GT-{label:05d}.csv").write_text("\n".join(rows) + "\n")
+    images = root / "Final_Test" / "Images"
+    images.mkdir(parents=True)
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for number, label in _TEST_SIGNS:
+        index = 50 + number
+        width, height = _sign_size(number)
+        image, (x1, y1, x2, y2), colour = _sign_image(index, width, height)
+        image.save(images / f"{number:05d}.ppm", format="PPM")
+        rows.append(f"{number:05d}.ppm;{width};{height};{x1};{y1};{x2};{y2};{label}")
+        colours[("test", number)] = colour
+    gt_folder = gt_folder or images
+    gt_folder.mkdir(parents=True, exist_ok=True)
+    (gt_folder / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+    return colours
+
+
+def _write_folder_layout(root):
+    colours = {}
+    rows = ["Width,Height,Roi.X1,Roi.Y1,Roi.X2,Roi.Y2,ClassId,Path"]
+    for index, (label, track, frame) in enumerate(_TRAIN_SIGNS):
+        width, height = _sign_size(index)
+        image, (x1, y1, x2, y2), colour = _sign_image(index, width, height)
+        path = f"Train/{label}/{label:05d}_{track:05d}_{frame:05d}.png"
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        image.save(root / path)
+        rows.append(f"{width},{height},{x1},{y1},{x2},{y2},{label},{path}")
+        colours[(label, track, frame)] = colour
+    (root / "Train.csv").write_text("\n".join(rows) + "\n")
+    rows = ["Width,Height,Roi.X1,Roi.Y1,Roi.X2,Roi.Y2,ClassId,Path"]
+    (root / "Test").mkdir()
+    for number, label in _TEST_SIGNS:
+        width, height = _sign_size(number)
+        image, (x1, y1, x2, y2), colour = _sign_image(50 + number, width, height)
+        image.save(root / "Test" / f"{number:05d}.png")
+        rows.append(f"{width},{height},{x1},{y1},{x2},{y2},{label},Test/{number:05d}.png")
+        colours[("test", number)] = colour
+    (root / "Test.csv").write_text("\n".join(rows) + "\n")
+    return colours
+
+
+def _check_gtsrb(train, test, info, colours, size=32):
+    expected_train = sorted(_TRAIN_SIGNS)  # class, then track, then frame
+    assert len(train) == len(_TRAIN_SIGNS) and len(test) == len(_TEST_SIGNS)
+    assert train.images.shape == (len(_TRAIN_SIGNS), size, size, 3) and train.images.dtype == np.uint8
+    assert test.images.shape == (len(_TEST_SIGNS), size, size, 3) and test.labels.dtype == np.int32
+    np.testing.assert_array_equal(train.labels, [label for label, _, _ in expected_train])
+    np.testing.assert_array_equal(test.labels, [label for _, label in _TEST_SIGNS])
+    # Cropped exactly to the ROI: every pixel is the ROI colour, none of the border.
+    for image, key in zip(train.images, expected_train, strict=True):
+        assert np.abs(image.astype(int) - colours[key]).max() <= 1, key
+    for image, (number, _) in zip(test.images, _TEST_SIGNS, strict=True):
+        assert np.abs(image.astype(int) - colours[("test", number)]).max() <= 1, number
+    assert info.name == "gtsrb" and info.num_classes == 43 and not info.flip
+    assert info.image_shape == (size, size, 3)
+
+
+@pytest.mark.parametrize("variant", ["official", "official_unzipped", "folder"])
+def test_gtsrb_layouts(tmp_path, variant):
+    if variant == "official":
+        colours = _write_official(tmp_path)
+    elif variant == "official_unzipped":  # as the official zips unpack
+        colours = _write_official(tmp_path / "GTSRB", gt_folder=tmp_path)
+    else:
+        colours = _write_folder_layout(tmp_path)
+    train, test, info = data.load(_config(name="gtsrb", source="gtsrb", dir=str(tmp_path)))
+    _check_gtsrb(train, test, info, colours)
+    layout = "folder" if variant == "folder" else "official"
+    assert (tmp_path / f"dibjax_cache_{layout}_32.npz").is_file()
+
+
+def test_gtsrb_cache_size_and_limits(tmp_path):
+    colours = _write_folder_layout(tmp_path)
+    small_train, _, small_info = data.load(_config(name="gtsrb", source="gtsrb", dir=str(tmp_path), image_size=16))
+    assert small_info.image_shape == (16, 16, 3) and small_train.images.shape[1:] == (16, 16, 3)
+    cache = tmp_path / "dibjax_cache_folder_16.npz"
+    assert cache.is_file()
+    # A cached load reads no image file.
+    for png in (tmp_path / "Train").rglob("*.png"):
+        png.unlink()
+    train, test, info = data.load(_config(name="gtsrb", source="gtsrb", dir=str(tmp_path), image_size=16))
+    _check_gtsrb(train, test, info, colours, size=16)
+    limited, limited_test, _ = data.load(
+        _config(name="gtsrb", source="gtsrb", dir=str(tmp_path), image_size=16, train_limit=3, test_limit=2)
+    )
+    order = np.random.default_rng(0).permutation(len(train))[:3]
+    np.testing.assert_array_equal(limited.images, train.images[order])
+    assert len(limited_test) == 2
+
+
+def test_gtsrb_limit_decodes_a_subset_without_caching(tmp_path):
+    _write_official(tmp_path)
+    full, _, _ = data.load(_config(name="gtsrb", source="gtsrb", dir=str(tmp_path), train_limit=0))
+    (tmp_path / "dibjax_cache_official_32.npz").unlink()
+    train, test, _ = data.load(_config(name="gtsrb", source="gtsrb", dir=str(tmp_path), train_limit=5, test_limit=None))
+    assert not list(tmp_path.glob("dibjax_cache_*"))
+    np.testing.assert_array_equal(train.images, full.images[np.random.default_rng(0).permutation(len(full))[:5]])
+    assert len(test) == len(_TEST_SIGNS)
+
+
+def test_gtsrb_missing_data_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*download_gtsrb\(dir\)"):
+        data.load(_config(name="gtsrb", source="gtsrb", dir=str(tmp_path / "absent")))
+    with pytest.raises(FileNotFoundError, match=r"no GTSRB data found in .*download_gtsrb\(dir\)"):
+        data.load(_config(name="gtsrb", source="gtsrb", dir=str(tmp_path)))
+    _write_official(tmp_path)
+    (tmp_path / "Final_Test" / "Images" / "GT-final_test.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="GT-final_test.csv") as error:
+        data.load(_config(name="gtsrb", source="gtsrb", dir=str(tmp_path)))
+    assert "GTSRB_Final_Test_GT.zip" in str(error.value)
+    assert str(tmp_path / "Final_Test" / "Images") in str(error.value)
+
+
+def test_gtsrb_bad_annotations(tmp_path):
+    _write_folder_layout(tmp_path)
+    text = (tmp_path / "Test.csv").read_text().replace(",4,Test/00000.png", ",43,Test/00000.png")
+    (tmp_path / "Test.csv").write_text(text.replace(",2,Test/00004.png", ",43,Test/00004.png"))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 43\)"):
+        data.load(_config(name="gtsrb", source="gtsrb", dir=str(tmp_path)))
+    (tmp_path / "Test.csv").write_text("Width,Height,Path\n")
+    with pytest.raises(ValueError, match=r"Test.csv: missing column\(s\)"):
+        data.load(_config(name="gtsrb", source="gtsrb", dir=str(tmp_path)))
+
+
+def _zip_folder(folder, members):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for member in members:
+            for path in sorted([member] if member.is_file() else member.rglob("*")):
+                archive.write(path, path.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+def test_download_gtsrb_unzips_the_official_archives(tmp_path, monkeypatch):
+    source = tmp_path / "source"
+    colours = _write_official(source / "GTSRB", gt_folder=source)
+    served = {
+        "GTSRB_Final_Training_Images.zip": _zip_folder(source, [source / "GTSRB" / "Final_Training"]),
+        "GTSRB_Final_Test_Images.zip": _zip_folder(source, [source / "GTSRB" / "Final_Test"]),
+        "GTSRB_Final_Test_GT.zip": _zip_folder(source, [source / "GT-final_test.csv"]),
+    }
+    requested = []
+
+    def fake_urlopen(url, timeout=None):
+        requested.append(url)
+        return io.BytesIO(served[url.rsplit("/", 1)[1]])
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(data, "_GTSRB_ARCHIVES", dict.fromkeys(served))  # no MD5 for fake archives
+    target = tmp_path / "gtsrb"
+    assert data.download_gtsrb(target) == target
+    assert requested == [data._GTSRB_URL + name for name in served]
+    train, test, info = data.load(_config(name="gtsrb", source="gtsrb", dir=str(target)))
+    _check_gtsrb(train, test, info, colours)
+
+    monkeypatch.setattr(data, "_GTSRB_ARCHIVES", {"GTSRB_Final_Test_GT.zip": "0" * 32})
+    with pytest.raises(ValueError, match="GTSRB_Final_Test_GT.zip: MD5 .*expected 0000"):
+        data.download_gtsrb(target)
+
+
+def test_download_gtsrb_offline_error(tmp_path, monkeypatch):
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(ConnectionError) as error:
+        data.download_gtsrb(tmp_path / "gtsrb")
+    message = str(error.value)
+    assert (
+        "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/GTSRB_Final_Training_Images.zip"
+        in message
+    )
+    assert "failed" in message and "by hand" in message and "Name or service not known" in message
+    assert list((tmp_path / "gtsrb").iterdir()) == []  # no partial download left behind
+
+
+# --------------------------------------------------------------------------- tfds
+
+
+@pytest.fixture
+def tfds(tmp_path, monkeypatch):
+    """tensorflow-datasets, with the empty temporary folders it leaves behind kept inside tmp_path."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return pytest.importorskip("tensorflow_datasets")
+
+
+def test_tensorflow_is_not_installed():
+    assert importlib.util.find_spec("tensorflow") is None
+
+
+def test_tfds_with_mock_data(tfds):
+    with tfds.testing.mock_data(num_examples=12):
+        train, test, info = data.load(_config(name="cifar100", source="tfds", train_limit=5))
+    assert len(train) == 5 and len(test) == 12
+    assert train.images.shape == (5, 32, 32, 3) and train.images.dtype == np.uint8
+    assert test.labels.dtype == np.int32 and 0 <= test.labels.min() and test.labels.max() < 100
+    assert info.num_classes == 100 and info.image_shape == (32, 32, 3)
+    assert "tensorflow" not in sys.modules
+
+
+def _png(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_tfds_reads_a_real_array_record_dataset(tfds, tmp_path):
+    """Prepares a tiny cifar10 in array_record format and reads it back through the registered builder."""
+    sizes = {"train": 14, "test": 6}
+
+    def example(split, index):
+        image = np.random.default_rng([len(split), index]).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        image[0, 0, 0] = index  # identifies the record: tfds shuffles records when preparing
+        return image, (3 * index + len(split)) % 10
+
+    class Cifar10(tfds.image_classification.Cifar10, skip_registration=True):
+        code_path = None  # no checksums file to look up
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(split, n) for split, n in sizes.items()}
+
+        def _generate_examples(self, split, n):
+            for index in range(n):
+                image, label = example(split, index)
+                # PNG bytes: encoding an array would need TensorFlow.
+                yield index, {"id": f"{split}_{index:05d}", "image": _png(image), "label": label}
+
+    Cifar10(data_dir=str(tmp_path), file_format="array_record").download_and_prepare(file_format="array_record")
+    train, test, info = data.load(_config(name="cifar10", source="tfds", dir=str(tmp_path)))
+    assert info.num_classes == 10
+    for split, dataset in (("train", train), ("test", test)):
+        assert len(dataset) == sizes[split]
+        indices = dataset.images[:, 0, 0, 0].astype(int)
+        assert sorted(indices) == list(range(sizes[split]))
+        for image, label, index in zip(dataset.images, dataset.labels, indices, strict=True):
+            expected_image, expected_label = example(split, index)
+            np.testing.assert_array_equal(image, expected_image)
+            assert label == expected_label
+    limited, _, _ = data.load(_config(name="cifar10", source="tfds", dir=str(tmp_path), train_limit=4))
+    np.testing.assert_array_equal(limited.images, train.images[np.random.default_rng(0).permutation(14)[:4]])
+    assert "tensorflow" not in sys.modules
+
+
+def test_tfds_missing_data(tfds, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not exist.*internet") as error:
+        data.load(_config(name="cifar10", source="tfds", dir=str(tmp_path / "absent")))
+    assert str(tmp_path / "absent") in str(error.value)
+
+    def offline(self, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    with pytest.raises(FileNotFoundError, match=r"not prepared in .*no network.*internet.*source='npz'") as error:
+        data.load(_config(name="cifar10", source="tfds", dir=str(tmp_path)))
+    assert str(tmp_path) in str(error.value)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_train_batches_order_is_a_function_of_seed_and_epoch():
+    dataset = _tiny(n=23)
+
+    def order(seed, epoch):
+        batches = list(data.train_batches(dataset, 5, seed=seed, epoch=epoch))
+        return np.concatenate([b["image"][:, 0, 0, 0] for b in batches]), batches
+
+    first, batches = order(0, 3)
+    np.testing.assert_array_equal(first, order(0, 3)[0])
+    assert not np.array_equal(first, order(0, 4)[0])
+    assert not np.array_equal(first, order(1, 3)[0])
+    assert len(batches) == data.steps_per_epoch(23, 5) == 4  # the last 3 samples are dropped
+    for batch in batches:
+        assert batch["image"].shape == (5, 4, 4, 3) and batch["image"].dtype == np.uint8
+        assert batch["label"].shape == (5,) and batch["label"].dtype == np.int32
+        assert set(batch) == {"image", "label"}
+    ids = first.astype(int)
+    assert len(set(ids.tolist())) == 20
+    labels = np.concatenate([b["label"] for b in batches])
+    np.testing.assert_array_equal(labels, dataset.labels[ids])
+    expected = np.random.default_rng([0, 3]).permutation(23)[:20]
+    np.testing.assert_array_equal(ids, expected)
+
+
+def test_train_batches_rejects_bad_batch_sizes():
+    dataset = _tiny(n=8)
+    for batch_size in (0, -1, 9):
+        with pytest.raises(ValueError, match=r"batch_size must lie in \[1, 8\]"):
+            next(data.train_batches(dataset, batch_size, seed=0, epoch=0))
+    assert len(list(data.train_batches(dataset, 8, seed=0, epoch=0))) == 1
+
+
+def test_eval_batches_cover_every_sample_once():
+    dataset = _tiny(n=23)
+    batches = list(data.eval_batches(dataset, 10))
+    assert len(batches) == 3
+    for batch in batches:
+        assert batch["image"].shape == (10, 4, 4, 3) and batch["image"].dtype == np.uint8
+        assert batch["label"].shape == (10,) and batch["label"].dtype == np.int32
+        assert batch["mask"].shape == (10,) and batch["mask"].dtype == np.bool_
+    masks = np.concatenate([b["mask"] for b in batches])
+    assert masks.sum() == 23 and masks[:23].all() and not masks[23:].any()
+    np.testing.assert_array_equal(np.concatenate([b["label"][b["mask"]] for b in batches]), dataset.labels)
+    np.testing.assert_array_equal(np.concatenate([b["image"][b["mask"]] for b in batches]), dataset.images)
+    assert (batches[-1]["image"][3:] == 0).all() and (batches[-1]["label"][3:] == 0).all()
+    # A batch larger than the data set is one padded batch; an exact fit has no padding.
+    (single,) = data.eval_batches(dataset, 30)
+    assert single["mask"].sum() == 23 and single["image"].shape[0] == 30
+    assert all(b["mask"].all() for b in data.eval_batches(_tiny(n=20), 10))
+    with pytest.raises(ValueError, match="batch_size must be positive, got 0"):
+        next(data.eval_batches(dataset, 0))
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _images(n=32, size=6, seed=0):
+    return np.random.default_rng(seed).integers(1, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_augment_shapes_dtypes_and_determinism():
+    images = _images()
+    key = jax.random.key(0)
+    out = data.augment(images, key)
+    assert out.shape == images.shape and out.dtype == jnp.uint8
+    np.testing.assert_array_equal(out, data.augment(images, key))
+    assert not np.array_equal(out, data.augment(images, jax.random.key(1)))
+    jitted = jax.jit(functools.partial(data.augment, crop_padding=4, flip=True))
+    np.testing.assert_array_equal(jitted(images, key), out)
+    floats = images.astype(np.float32) / 255
+    assert data.augment(floats, key).dtype == jnp.float32
+    with pytest.raises(ValueError, match="crop_padding must be non-negative, got -1"):
+        data.augment(images, key, crop_padding=-1)
+
+
+def test_augment_without_crop_or_flip_is_identity():
+    images = _images()
+    for seed in range(3):
+        np.testing.assert_array_equal(data.augment(images, jax.random.key(seed), crop_padding=0, flip=False), images)
+
+
+def test_augment_flip_only_mirrors():
+    images = _images(n=64)
+    out = np.asarray(data.augment(images, jax.random.key(3), crop_padding=0, flip=True))
+    same = (out == images).all(axis=(1, 2, 3))
+    mirrored = (out == images[:, :, ::-1]).all(axis=(1, 2, 3))
+    assert (same | mirrored).all()
+    assert same.any() and mirrored.any()
+
+
+def test_augment_crops_are_translations_of_the_padded_image():
+    images, p = _images(n=64), 2
+    padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+    size = images.shape[1]
+    for flip in (False, True):
+        out = np.asarray(data.augment(images, jax.random.key(7), crop_padding=p, flip=flip))
+        offsets = []
+        for image, source in zip(out, padded, strict=True):
+            candidates = [source, source[:, ::-1]] if flip else [source]
+            matches = [
+                (dy, dx)
+                for candidate in candidates
+                for dy in range(2 * p + 1)
+                for dx in range(2 * p + 1)
+                if np.array_equal(candidate[dy : dy + size, dx : dx + size], image)
+            ]
+            assert matches, "output is not a window of the (mirrored) padded image"
+            offsets.append(matches[0])
+        assert len(set(offsets)) > 5  # offsets vary per image
+        if not flip:
+            assert {0, 2 * p} <= {dy for dy, _ in offsets}  # both extremes are reachable
+
+
+def test_normalize():
+    images = _images(n=4)
+    info = data.DATASETS["cifar10"]
+    out = data.normalize(images, info)
+    assert out.dtype == jnp.float32 and out.shape == images.shape
+    expected = (images.astype(np.float64) / 255 - np.array(info.mean)) / np.array(info.std)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+    mean_image = np.round(np.array(info.mean) * 255).astype(np.uint8)[None, None, None]
+    assert np.abs(np.asarray(data.normalize(mean_image, info))).max() < 0.01
