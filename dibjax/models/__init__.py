@@ -1,0 +1,26 @@
+"""Staged CNNs for greedy layer-wise training: a network as a sequence of stages, each with a classifier head.
+
+:func:`build_model` builds any of :data:`MODELS` from a configuration; every model is a :class:`StagedModel`.
+"""
+
+from dibjax.models.factory import DEFAULT_WIDTHS, HEADS, MODELS, SPLITS, architecture_for, build_model
+from dibjax.models.layers import BasicBlock, Chain, ConvHead, ConvUnit, LinearHead, adaptive_avg_pool
+from dibjax.models.staged import StagedModel, count_params, split_evenly
+
+__all__ = [
+    "DEFAULT_WIDTHS",
+    "HEADS",
+    "MODELS",
+    "SPLITS",
+    "BasicBlock",
+    "Chain",
+    "ConvHead",
+    "ConvUnit",
+    "LinearHead",
+    "StagedModel",
+    "adaptive_avg_pool",
+    "architecture_for",
+    "build_model",
+    "count_params",
+    "split_evenly",
+]

@@ -1,0 +1,131 @@
+"""The architectures, each written as a list of its smallest trainable units.
+
+An architecture is described by its units (what ``split="layer"`` puts in one stage each) and by how those units
+form its natural blocks (what ``split="block"`` puts in one stage each). :func:`dibjax.models.build_model` turns
+that description into a :class:`~dibjax.models.StagedModel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+
+from dibjax.models.layers import BasicBlock, ConvUnit
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One smallest trainable unit: its layers, applied in order, and the channels of its output."""
+
+    name: str
+    layers: tuple[nnx.Module, ...]
+    out_features: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """The units of a network and the sizes of its natural blocks (consecutive runs of units)."""
+
+    units: tuple[Unit, ...]
+    block_sizes: tuple[int, ...]
+
+    def __post_init__(self):
+        if sum(self.block_sizes) != len(self.units):
+            raise ValueError(f"block sizes {self.block_sizes} do not cover the {len(self.units)} units")
+
+
+def small_cnn(width: int, *, batchnorm: bool, rngs: nnx.Rngs) -> Architecture:
+    """Four conv 3×3 → BatchNorm → ReLU → max-pool 2×2 units with widths ``w, 2w, 4w, 8w``.
+
+    A 32×32 input leaves the last unit as a 2×2 map. Each unit is its own block.
+    """
+    units, in_features = [], 3
+    for i, mult in enumerate((1, 2, 4, 8)):
+        unit = ConvUnit(in_features, mult * width, pool=True, batchnorm=batchnorm, rngs=rngs)
+        units.append(Unit(f"conv{i + 1}+pool", (unit,), mult * width))
+        in_features = mult * width
+    return Architecture(tuple(units), BLOCK_SIZES["small_cnn"])
+
+
+# Convolutions per pooling block in the configurations of Simonyan & Zisserman (2015), Table 1: A, B and D.
+VGG_BLOCKS = {
+    "vgg11": (1, 1, 2, 2, 2),
+    "vgg13": (2, 2, 2, 2, 2),
+    "vgg16": (2, 2, 3, 3, 3),
+}
+# The ImageNet channel counts 64/128/256/512/512 relative to the base width.
+VGG_WIDTH_MULTIPLIERS = (1, 2, 4, 8, 8)
+
+
+def vgg(name: str, width: int, *, batchnorm: bool, rngs: nnx.Rngs) -> Architecture:
+    """VGG-11/13/16 (Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image Recognition",
+    ICLR 2015, configurations A, B and D) with BatchNorm after every convolution, in the CIFAR form.
+
+    Every convolution is 3×3 with stride 1 and is followed by BatchNorm and ReLU; each of the five blocks ends in a
+    2×2 max-pool, so a 32×32 input leaves a 1×1 map with ``8 * width`` channels. The three fully connected layers of
+    the ImageNet network are replaced by the last stage's head (global pooling of the 1×1 map and one linear layer,
+    for ``head="linear"``), as is usual for 32×32 inputs. A unit is one convolution; the max-pool that closes a
+    block belongs to the block's last convolution.
+    """
+    units, in_features = [], 3
+    for b, (n_convs, mult) in enumerate(zip(VGG_BLOCKS[name], VGG_WIDTH_MULTIPLIERS, strict=True)):
+        for c in range(n_convs):
+            pool = c == n_convs - 1
+            unit = ConvUnit(in_features, mult * width, pool=pool, batchnorm=batchnorm, rngs=rngs)
+            units.append(Unit(f"conv{b + 1}_{c + 1}" + ("+pool" if pool else ""), (unit,), mult * width))
+            in_features = mult * width
+    return Architecture(tuple(units), BLOCK_SIZES[name])
+
+
+# Residual blocks per resolution and the shortcut type: He et al. (2016), Section 4.2 for the CIFAR networks of
+# depth 6n + 2 (option A shortcuts), Table 1 for the 18-layer network (option B where the shape changes).
+RESNET_LAYOUTS = {
+    "resnet18": ((2, 2, 2, 2), "B"),
+    "resnet20": ((3, 3, 3), "A"),
+    "resnet32": ((5, 5, 5), "A"),
+    "resnet56": ((9, 9, 9), "A"),
+}
+
+
+def resnet(name: str, width: int, *, batchnorm: bool, rngs: nnx.Rngs) -> Architecture:
+    """Residual networks of He et al., "Deep Residual Learning for Image Recognition", CVPR 2016.
+
+    ``resnet20``/``resnet32``/``resnet56`` are the CIFAR-10 networks of Section 4.2: a 3×3 stem convolution with
+    ``width`` (16) channels, then three groups of n = 3, 5, 9 basic blocks with ``width, 2 width, 4 width`` channels
+    at 32×32, 16×16 and 8×8 (the first block of the second and third groups has stride 2), 6n + 2 layers in all,
+    with parameter-free option-A shortcuts. ``resnet18`` is the 18-layer network of Table 1 (basic blocks
+    2, 2, 2, 2 with ``width, 2, 4, 8 × width`` channels, option-B projection shortcuts) with the usual CIFAR stem:
+    one 3×3 convolution with stride 1 and no max-pool in place of the 7×7 stride-2 convolution and max-pool. The
+    classifier (global average pooling and a linear layer) is the last stage's head when ``head="linear"``.
+
+    A residual block is the smallest unit that keeps its skip connection intact, so every residual block is one
+    unit and one block (``split="layer"`` and ``split="block"`` coincide); the stem convolution is part of the
+    first unit.
+    """
+    blocks_per_group, shortcut = RESNET_LAYOUTS[name]
+    stem = ConvUnit(3, width, pool=False, batchnorm=batchnorm, rngs=rngs)
+    units, in_features = [], width
+    for g, n_blocks in enumerate(blocks_per_group):
+        out_features = width * 2**g
+        for b in range(n_blocks):
+            stride = 2 if g > 0 and b == 0 else 1
+            block = BasicBlock(
+                in_features, out_features, stride=stride, shortcut=shortcut, batchnorm=batchnorm, rngs=rngs
+            )
+            label = f"block{g + 1}_{b + 1}"
+            if not units:
+                units.append(Unit(f"stem+{label}", (stem, block), out_features))
+            else:
+                units.append(Unit(label, (block,), out_features))
+            in_features = out_features
+    return Architecture(tuple(units), BLOCK_SIZES[name])
+
+
+# The natural blocks of every network, as unit counts; their sum is the number of units (stages for split="layer").
+BLOCK_SIZES = {
+    "small_cnn": (1, 1, 1, 1),
+    **VGG_BLOCKS,
+    **{name: (1,) * sum(blocks) for name, (blocks, _) in RESNET_LAYOUTS.items()},
+}
+NUM_UNITS = {name: sum(sizes) for name, sizes in BLOCK_SIZES.items()}

@@ -1,0 +1,152 @@
+"""Building a :class:`~dibjax.models.StagedModel` from a configuration."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+from flax import nnx
+
+from dibjax.models import architectures
+from dibjax.models.layers import Chain, ConvHead, LinearHead
+from dibjax.models.staged import StagedModel, split_evenly
+
+MODELS = ("small_cnn", "vgg11", "vgg13", "vgg16", "resnet18", "resnet20", "resnet32", "resnet56")
+SPLITS = ("layer", "block", "groups")
+HEADS = ("linear", "conv")
+
+# Base widths of the published networks; the small CNN's 32 gives widths 32/64/128/256.
+DEFAULT_WIDTHS = {
+    "small_cnn": 32,
+    "vgg11": 64,
+    "vgg13": 64,
+    "vgg16": 64,
+    "resnet18": 64,
+    "resnet20": 16,
+    "resnet32": 16,
+    "resnet56": 16,
+}
+
+# Fields that may be left out of the configuration, with the values they then take. `width=None` means the
+# network's published width; `num_groups` is only read for split="groups".
+DEFAULTS = {
+    "split": "layer",
+    "num_groups": None,
+    "head": "linear",
+    "width": None,
+    "batchnorm": True,
+    "head_width": 128,
+    "head_hidden": 0,
+}
+
+
+def _field(config: Any, name: str) -> Any:
+    if isinstance(config, Mapping):
+        value = config.get(name, DEFAULTS.get(name))
+    else:
+        value = getattr(config, name, DEFAULTS.get(name))
+    return DEFAULTS.get(name) if value is None else value
+
+
+def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {field} {value!r}; expected one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def _check_int(field: str, value: Any, minimum: int) -> int:
+    # bool is an int subclass, but `width=True` is a mistake rather than a width of 1
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{field} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def architecture_for(name: str, width: int, *, batchnorm: bool, rngs: nnx.Rngs) -> architectures.Architecture:
+    """The units and blocks of the network called ``name`` (one of :data:`MODELS`)."""
+    _check_choice("model name", name, MODELS)
+    if name == "small_cnn":
+        return architectures.small_cnn(width, batchnorm=batchnorm, rngs=rngs)
+    if name.startswith("vgg"):
+        return architectures.vgg(name, width, batchnorm=batchnorm, rngs=rngs)
+    return architectures.resnet(name, width, batchnorm=batchnorm, rngs=rngs)
+
+
+def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedModel:
+    """Builds the staged network described by ``config``.
+
+    Args:
+      config: an ``ml_collections.ConfigDict``, a mapping or any object with these fields (all but ``name`` may be
+        left out or set to ``None`` for their defaults):
+
+        - ``name``: one of :data:`MODELS`.
+        - ``split`` (``"layer"``): how the network is cut into stages. ``"layer"`` gives one stage per unit: per
+          convolution (conv → BatchNorm → ReLU, with the max-pool that follows it) for the small CNN and VGG, per
+          residual block for the ResNets, whose smallest unit is a residual block so that ``"layer"`` and
+          ``"block"`` coincide. ``"block"`` gives one stage per VGG pooling block (the convolutions between two
+          max-pools), per residual block for the ResNets (the stem convolution in the first stage) and per conv
+          unit for the small CNN. ``"groups"`` cuts the ``"layer"`` units into ``num_groups`` contiguous groups
+          as evenly as possible, the earlier groups taking the extra units (:func:`split_evenly`).
+        - ``num_groups``: the number of stages for ``split="groups"``, between 1 and the number of units.
+        - ``head`` (``"linear"``): ``"linear"`` is global average pooling and one linear layer; ``"conv"`` is
+          :class:`~dibjax.models.layers.ConvHead` (conv 3×3 with ``head_width`` channels → BatchNorm → ReLU →
+          average pool to 2×2 → flatten → optional hidden linear layer of ``head_hidden`` units with ReLU → linear).
+          Every stage, the last included, gets a head of this type.
+        - ``width`` (``None``): the base width, the channels of the first convolution; the network's published
+          value when ``None``: :data:`DEFAULT_WIDTHS`.
+        - ``batchnorm`` (``True``): ``False`` builds the same network, heads included, with no normalisation
+          layers and with biases on the convolutions.
+        - ``head_width`` (128) and ``head_hidden`` (0): sizes of the ``"conv"`` head.
+      num_classes: the number of classes, the size of every head's output.
+      rngs: the random streams for initialisation, or an int seed.
+
+    Returns:
+      The :class:`StagedModel`, with its BatchNorm layers in training mode.
+
+    Raises:
+      ValueError: a field has a value outside those accepted; the message names the value and the accepted ones.
+    """
+    name = _check_choice("model name", _field(config, "name"), MODELS)
+    split = _check_choice("split", _field(config, "split"), SPLITS)
+    head = _check_choice("head", _field(config, "head"), HEADS)
+    width = _field(config, "width")
+    width = _check_int("width", DEFAULT_WIDTHS[name] if width is None else width, 1)
+    batchnorm = _field(config, "batchnorm")
+    if not isinstance(batchnorm, bool):
+        raise ValueError(f"batchnorm must be True or False, got {batchnorm!r}")
+    head_width = _check_int("head_width", _field(config, "head_width"), 1)
+    head_hidden = _check_int("head_hidden", _field(config, "head_hidden"), 0)
+    num_classes = _check_int("num_classes", num_classes, 1)
+    if isinstance(rngs, int):
+        rngs = nnx.Rngs(rngs)
+
+    # The stage sizes are checked before any parameter is initialised, which is slow for the full-size networks.
+    num_units = architectures.NUM_UNITS[name]
+    if split == "layer":
+        sizes = (1,) * num_units
+    elif split == "block":
+        sizes = architectures.BLOCK_SIZES[name]
+    else:
+        num_groups = _field(config, "num_groups")
+        if num_groups is None:
+            raise ValueError(f"split='groups' needs num_groups, an int between 1 and {num_units} for {name}")
+        sizes = split_evenly(num_units, num_groups)
+
+    arch = architecture_for(name, width, batchnorm=batchnorm, rngs=rngs)
+
+    stages, heads, stage_units, start = [], [], [], 0
+    for size in sizes:
+        units = arch.units[start : start + size]
+        start += size
+        stages.append(Chain([layer for unit in units for layer in unit.layers]))
+        stage_units.append(tuple(unit.name for unit in units))
+        out_features = units[-1].out_features
+        if head == "linear":
+            heads.append(LinearHead(out_features, num_classes, rngs=rngs))
+        else:
+            heads.append(
+                ConvHead(
+                    out_features, num_classes, width=head_width, hidden=head_hidden, batchnorm=batchnorm, rngs=rngs
+                )
+            )
+    return StagedModel(stages, heads, stage_units=stage_units)

@@ -1,0 +1,222 @@
+"""Building blocks shared by the staged models: conv units, residual blocks, pooling and heads."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# PyTorch's BatchNorm momentum of 0.1 in Flax's convention. Flax's default of 0.99 makes the running statistics
+# lag far behind the weights when a stage is trained for only a few epochs, so evaluation would use stale statistics.
+BATCHNORM_MOMENTUM = 0.9
+BATCHNORM_EPSILON = 1e-5
+
+# He et al. (2015) initialisation keeps activation variance constant through ReLU layers; this matters most for the
+# networks built without BatchNorm, which have nothing else to hold the scale of the signal in place.
+CONV_INIT = nnx.initializers.he_normal()
+
+
+def batch_norm(num_features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """A BatchNorm layer with the momentum and epsilon used throughout this package, built in training mode."""
+    return nnx.BatchNorm(
+        num_features,
+        use_running_average=False,
+        momentum=BATCHNORM_MOMENTUM,
+        epsilon=BATCHNORM_EPSILON,
+        rngs=rngs,
+    )
+
+
+def conv3x3(in_features: int, out_features: int, *, stride: int = 1, use_bias: bool, rngs: nnx.Rngs) -> nnx.Conv:
+    """A 3×3 convolution with 'SAME' padding."""
+    return nnx.Conv(
+        in_features,
+        out_features,
+        kernel_size=(3, 3),
+        strides=(stride, stride),
+        padding="SAME",
+        use_bias=use_bias,
+        kernel_init=CONV_INIT,
+        rngs=rngs,
+    )
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """Non-overlapping 2×2 max-pooling of an NHWC batch."""
+    return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """Mean over the spatial axes of an NHWC batch, giving (N, C)."""
+    return jnp.mean(x, axis=(1, 2))
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: int | Sequence[int]) -> jax.Array:
+    """Average-pool an NHWC batch to a fixed spatial size, like PyTorch's ``AdaptiveAvgPool2d``.
+
+    Output cell ``i`` along an axis of input length ``n`` and output length ``m`` averages the input cells
+    ``floor(i n / m)`` to ``ceil((i + 1) n / m) - 1``. The bins are fixed by the static input shape, so the result
+    works under ``jax.jit``; when ``n < m`` the input cells are repeated, so a 1×1 map pools to a constant 2×2 map.
+    """
+    out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    in_h, in_w = x.shape[1], x.shape[2]
+    rows = []
+    for i in range(out_h):
+        h0, h1 = (i * in_h) // out_h, math.ceil((i + 1) * in_h / out_h)
+        cols = []
+        for j in range(out_w):
+            w0, w1 = (j * in_w) // out_w, math.ceil((j + 1) * in_w / out_w)
+            cols.append(jnp.mean(x[:, h0:h1, w0:w1, :], axis=(1, 2)))
+        rows.append(jnp.stack(cols, axis=1))
+    return jnp.stack(rows, axis=1)
+
+
+class ConvUnit(nnx.Module):
+    """Conv 3×3 → BatchNorm → ReLU, optionally followed by a 2×2 max-pool.
+
+    The convolution has no bias when BatchNorm follows it, because BatchNorm's shift makes a bias redundant.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, pool: bool, batchnorm: bool, rngs: nnx.Rngs):
+        self.conv = conv3x3(in_features, out_features, use_bias=not batchnorm, rngs=rngs)
+        self.bn = batch_norm(out_features, rngs) if batchnorm else None
+        self.pool = pool
+        self.out_features = out_features
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        x = nnx.relu(x)
+        return max_pool_2x2(x) if self.pool else x
+
+
+class BasicBlock(nnx.Module):
+    """The two-layer residual block of He et al. (2016), "Deep Residual Learning for Image Recognition", Fig. 2.
+
+    ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))`` with 3×3 convolutions, the first one carrying the stride.
+    When the shape changes the shortcut is either option A of Section 3.3 (``shortcut="A"``: subsample the identity
+    and pad the new channels with zeros, parameter-free, the paper's choice for its CIFAR-10 networks) or option B
+    (``shortcut="B"``: a strided 1×1 convolution with BatchNorm, the paper's choice for its ImageNet networks).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        stride: int,
+        shortcut: str,
+        batchnorm: bool,
+        rngs: nnx.Rngs,
+    ):
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut={shortcut!r} is not supported; expected one of ('A', 'B')")
+        self.conv1 = conv3x3(in_features, out_features, stride=stride, use_bias=not batchnorm, rngs=rngs)
+        self.bn1 = batch_norm(out_features, rngs) if batchnorm else None
+        self.conv2 = conv3x3(out_features, out_features, use_bias=not batchnorm, rngs=rngs)
+        self.bn2 = batch_norm(out_features, rngs) if batchnorm else None
+        self.stride = stride
+        self.in_features = in_features
+        self.out_features = out_features
+        self.shortcut_kind = shortcut
+        project = shortcut == "B" and (stride != 1 or in_features != out_features)
+        self.projection = (
+            nnx.Conv(
+                in_features,
+                out_features,
+                kernel_size=(1, 1),
+                strides=(stride, stride),
+                padding="VALID",
+                use_bias=not batchnorm,
+                kernel_init=CONV_INIT,
+                rngs=rngs,
+            )
+            if project
+            else None
+        )
+        self.projection_bn = batch_norm(out_features, rngs) if project and batchnorm else None
+
+    def _shortcut(self, x: jax.Array) -> jax.Array:
+        if self.projection is not None:
+            x = self.projection(x)
+            return self.projection_bn(x) if self.projection_bn is not None else x
+        if self.stride != 1:
+            x = x[:, :: self.stride, :: self.stride, :]
+        extra = self.out_features - self.in_features
+        if extra > 0:
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
+        return x
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.conv1(x)
+        if self.bn1 is not None:
+            y = self.bn1(y)
+        y = nnx.relu(y)
+        y = self.conv2(y)
+        if self.bn2 is not None:
+            y = self.bn2(y)
+        return nnx.relu(y + self._shortcut(x))
+
+
+class LinearHead(nnx.Module):
+    """Global average pooling followed by one linear layer: the classifier of the CIFAR ResNets of He et al. (2016)."""
+
+    def __init__(self, in_features: int, num_classes: int, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(in_features, num_classes, rngs=rngs)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        return self.linear(global_avg_pool(t))
+
+
+class ConvHead(nnx.Module):
+    """A small convolutional auxiliary classifier, modelled on those of the greedy layer-wise literature.
+
+    Conv 3×3 (``width`` channels) → BatchNorm → ReLU → adaptive average pool to 2×2 → flatten → [Linear(``hidden``)
+    → ReLU] → Linear(``num_classes``); the bracketed hidden layer is present only when ``hidden > 0``. Belilovsky,
+    Eickenberg & Oyallon (2019, "Greedy Layerwise Learning Can Scale to ImageNet"; 2020, "Decoupled Greedy Learning
+    of CNNs") use auxiliary networks of this shape: a few convolutions, spatial averaging to 2×2 and a small MLP. A
+    head with its own convolution lets a stage's representation be judged by more than its linear separability,
+    which a linear head on an early, low-level stage would understate.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        width: int = 128,
+        hidden: int = 0,
+        batchnorm: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        self.conv = conv3x3(in_features, width, use_bias=not batchnorm, rngs=rngs)
+        self.bn = batch_norm(width, rngs) if batchnorm else None
+        self.hidden = nnx.Linear(4 * width, hidden, rngs=rngs) if hidden > 0 else None
+        self.linear = nnx.Linear(hidden if hidden > 0 else 4 * width, num_classes, rngs=rngs)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        y = self.conv(t)
+        if self.bn is not None:
+            y = self.bn(y)
+        y = nnx.relu(y)
+        y = adaptive_avg_pool(y, 2)
+        y = y.reshape(y.shape[0], -1)
+        if self.hidden is not None:
+            y = nnx.relu(self.hidden(y))
+        return self.linear(y)
+
+
+class Chain(nnx.Module):
+    """Applies its layers in order; the container for one stage of a :class:`~dibjax.models.StagedModel`."""
+
+    def __init__(self, layers: Sequence[nnx.Module]):
+        self.layers = nnx.List(layers)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = layer(x)
+        return x

@@ -1,0 +1,122 @@
+"""The staged-model abstraction: a network cut into stages, each with its own auxiliary classifier."""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from collections.abc import Sequence
+
+import jax
+from flax import nnx
+
+
+class StagedModel(nnx.Module):
+    """A feed-forward network written as a sequence of stages, with one classifier head per stage.
+
+    A stage is the unit a greedy layer-wise trainer optimises at a time. Stages and heads are indexed from 0: stage
+    ``k`` maps the output of stage ``k - 1`` (the image batch for ``k = 0``) to its representation, and head ``k``
+    maps that representation to class logits; :meth:`features` returns the representations ``[T_1, ..., T_L]``.
+    The head of the last stage is the network's own classifier, so ``model(x)`` is the ordinary end-to-end network
+    and the other heads are auxiliary classifiers used only during training.
+
+    BatchNorm layers are created in training mode (batch statistics, running averages updated on every call);
+    ``model.eval()`` switches every BatchNorm in the stages and heads to its running averages and ``model.train()``
+    switches back. ``nnx.state(model, nnx.Param)`` holds the trainable parameters and
+    ``nnx.state(model, nnx.BatchStat)`` the running statistics.
+
+    Attributes:
+      stages: ``nnx.List`` of the stage modules.
+      heads: ``nnx.List`` of the head modules, one per stage.
+      stage_units: for each stage, the names of the architectural units it contains (for logging).
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nnx.Module],
+        heads: Sequence[nnx.Module],
+        *,
+        stage_units: Sequence[Sequence[str]] | None = None,
+    ):
+        if len(stages) == 0:
+            raise ValueError("a StagedModel needs at least one stage, got 0")
+        if len(heads) != len(stages):
+            raise ValueError(f"a StagedModel needs one head per stage, got {len(stages)} stages and {len(heads)} heads")
+        if stage_units is None:
+            stage_units = [(f"stage{k}",) for k in range(len(stages))]
+        if len(stage_units) != len(stages):
+            raise ValueError(f"stage_units has {len(stage_units)} entries for {len(stages)} stages")
+        self.stages = nnx.List(stages)
+        self.heads = nnx.List(heads)
+        self.stage_units: tuple[tuple[str, ...], ...] = tuple(tuple(names) for names in stage_units)
+
+    @property
+    def num_stages(self) -> int:
+        """The number of stages (and of heads)."""
+        return len(self.stages)
+
+    def _check_index(self, k: int) -> int:
+        try:
+            k = operator.index(k)
+        except TypeError:
+            raise TypeError(f"stage index must be an int, got {type(k).__name__}") from None
+        if not 0 <= k < self.num_stages:
+            last = self.num_stages - 1
+            raise IndexError(f"stage index {k} is out of range for a model with {self.num_stages} stages (0..{last})")
+        return k
+
+    def stage_forward(self, k: int, x: jax.Array) -> jax.Array:
+        """Applies stage ``k`` alone to ``x``, the output of stage ``k - 1`` (the image batch for ``k = 0``)."""
+        return self.stages[self._check_index(k)](x)
+
+    def head_forward(self, k: int, t: jax.Array) -> jax.Array:
+        """Applies head ``k`` to ``t``, the output of stage ``k``, giving logits of shape (batch, num_classes)."""
+        return self.heads[self._check_index(k)](t)
+
+    def features(self, x: jax.Array, *, stop_gradient: bool = False) -> list[jax.Array]:
+        """Returns the representations ``[T_1, ..., T_L]``, the outputs of every stage in order.
+
+        With ``stop_gradient=True`` no gradient flows from a stage back into the stages before it, so a loss on
+        every ``T_k`` trains each stage only through its own term, as in decoupled greedy training.
+        """
+        outputs = []
+        for stage in self.stages:
+            if stop_gradient and outputs:
+                x = jax.lax.stop_gradient(x)
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """The end-to-end network: every stage in order, then the last head. Returns (batch, num_classes) logits."""
+        for stage in self.stages:
+            x = stage(x)
+        return self.heads[-1](x)
+
+
+def split_evenly(num_units: int, num_groups: int) -> tuple[int, ...]:
+    """Sizes of ``num_groups`` contiguous groups covering ``num_units`` units as evenly as possible.
+
+    Sizes differ by at most one; the earlier groups take the extra units (as ``numpy.array_split`` does), so
+    ``split_evenly(8, 3) == (3, 3, 2)``.
+    """
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+        raise ValueError(f"num_groups must be an int between 1 and {num_units}, got {num_groups!r}")
+    num_groups = int(num_groups)
+    if not 1 <= num_groups <= num_units:
+        raise ValueError(
+            f"num_groups={num_groups} is out of range: this model has {num_units} units, "
+            f"so num_groups must be between 1 and {num_units}"
+        )
+    base, extra = divmod(num_units, num_groups)
+    return tuple(base + 1 if g < extra else base for g in range(num_groups))
+
+
+def count_params(module: nnx.Module, *filters: nnx.filterlib.Filter) -> int:
+    """The number of scalar entries in a module's trainable parameters (``nnx.Param``; BatchNorm statistics excluded).
+
+    For a :class:`StagedModel` the count includes every auxiliary head; ``count_params(model.stages)`` counts the
+    stages alone. Other variable types are counted by passing filters, e.g. ``count_params(model, nnx.BatchStat)``.
+    Works on the abstract models of ``nnx.eval_shape`` too.
+    """
+    state = nnx.state(module, *(filters or (nnx.Param,)))
+    return sum(leaf.size for leaf in jax.tree.leaves(state))

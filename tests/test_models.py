@@ -1,0 +1,339 @@
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from dibjax import models as M
+
+NUM_CLASSES = 10
+WIDTH = 4  # one tiny width everywhere, so every parameter shape and eager op compiles once
+BATCH = 2
+
+# (stages for split="layer", stages for split="block") of each model.
+EXPECTED_STAGES = {
+    "small_cnn": (4, 4),
+    "vgg11": (8, 5),
+    "vgg13": (10, 5),
+    "vgg16": (13, 5),
+    "resnet18": (8, 8),
+    "resnet20": (9, 9),
+    "resnet32": (15, 15),
+    "resnet56": (27, 27),
+}
+
+
+def rngs(seed=0):
+    # The rbg generator compiles its per-shape initialisers several times faster than the default threefry on CPU,
+    # and a model has many parameter shapes.
+    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
+def config(**fields):
+    return ml_collections.ConfigDict({"width": WIDTH, **fields})
+
+
+@functools.cache
+def shared_model(name, split):
+    """One model per (name, split), built once and shared by the tests that only read it (training-mode BatchNorm)."""
+    return M.build_model(config(name=name, split=split, num_groups=3), NUM_CLASSES, rngs())
+
+
+def images(seed=0, batch=BATCH, size=32):
+    return jax.random.normal(jax.random.key(seed), (batch, size, size, 3), dtype=jnp.float32)
+
+
+def bn_layers(model):
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+
+
+def test_models_tuple_matches_expectations():
+    assert set(M.MODELS) == set(EXPECTED_STAGES)
+    assert set(M.DEFAULT_WIDTHS) == set(M.MODELS)
+
+
+# ----------------------------------------------------------------------------- shapes, stages, composition
+
+
+@pytest.mark.parametrize("split", M.SPLITS)
+@pytest.mark.parametrize("name", M.MODELS)
+def test_stages_compose_to_the_network(name, split):
+    model = shared_model(name, split)
+    expected = {"layer": EXPECTED_STAGES[name][0], "block": EXPECTED_STAGES[name][1], "groups": 3}[split]
+    assert model.num_stages == expected == len(model.stages) == len(model.heads)
+
+    x = images()
+    logits = model(x)
+    assert logits.shape == (BATCH, NUM_CLASSES)
+    assert logits.dtype == jnp.float32
+    assert np.all(np.isfinite(logits))
+
+    feats = model.features(x)
+    assert len(feats) == model.num_stages
+    t = x
+    for k, f in enumerate(feats):
+        t = model.stage_forward(k, t)
+        np.testing.assert_array_equal(t, f)
+        assert f.dtype == jnp.float32
+        assert model.head_forward(k, f).shape == (BATCH, NUM_CLASSES)
+    np.testing.assert_array_equal(model.head_forward(model.num_stages - 1, feats[-1]), logits)
+
+
+def abstract_model(**fields):
+    # eval_shape builds the model without initialising any parameter: enough to inspect its structure
+    return nnx.eval_shape(lambda: M.build_model(config(**fields), NUM_CLASSES, rngs()))
+
+
+def test_stage_units_cover_the_network_in_order():
+    for name in M.MODELS:
+        by_layer = shared_model(name, "layer").stage_units
+        assert all(len(units) == 1 for units in by_layer)
+        for split in ("block", "groups"):
+            staged = shared_model(name, split).stage_units
+            assert list(itertools.chain(*staged)) == list(itertools.chain(*by_layer)), (name, split)
+
+
+def test_block_boundaries():
+    vgg16 = abstract_model(name="vgg16", split="block")
+    assert [len(u) for u in vgg16.stage_units] == [2, 2, 3, 3, 3]
+    assert all(units[-1].endswith("+pool") for units in vgg16.stage_units)
+    resnet20 = abstract_model(name="resnet20", split="block")
+    assert resnet20.stage_units[0] == ("stem+block1_1",)
+    resnet20_groups = abstract_model(name="resnet20", split="groups", num_groups=3)
+    # three even groups of a ResNet-20 are exactly its three resolutions
+    assert [units[0] for units in resnet20_groups.stage_units] == ["stem+block1_1", "block2_1", "block3_1"]
+
+
+def test_feature_shapes():
+    x = images()
+    small = M.build_model(config(name="small_cnn"), NUM_CLASSES, rngs())
+    assert [f.shape for f in small.features(x)] == [(2, 16, 16, 4), (2, 8, 8, 8), (2, 4, 4, 16), (2, 2, 2, 32)]
+    vgg11 = M.build_model(config(name="vgg11", split="block"), NUM_CLASSES, rngs())
+    assert [f.shape for f in vgg11.features(x)] == [
+        (2, 16, 16, 4),
+        (2, 8, 8, 8),
+        (2, 4, 4, 16),
+        (2, 2, 2, 32),
+        (2, 1, 1, 32),
+    ]
+    resnet20 = M.build_model(config(name="resnet20"), NUM_CLASSES, rngs())
+    shapes = [f.shape for f in resnet20.features(x)]
+    assert shapes == [(2, 32, 32, 4)] * 3 + [(2, 16, 16, 8)] * 3 + [(2, 8, 8, 16)] * 3
+    resnet18 = M.build_model(config(name="resnet18"), NUM_CLASSES, rngs())
+    shapes = [f.shape for f in resnet18.features(x)]
+    assert shapes == [(2, 32, 32, 4)] * 2 + [(2, 16, 16, 8)] * 2 + [(2, 8, 8, 16)] * 2 + [(2, 4, 4, 32)] * 2
+
+
+def test_split_evenly():
+    assert M.split_evenly(8, 3) == (3, 3, 2)
+    assert M.split_evenly(9, 3) == (3, 3, 3)
+    assert M.split_evenly(27, 4) == (7, 7, 7, 6)
+    assert M.split_evenly(5, 5) == (1,) * 5
+    assert M.split_evenly(5, 1) == (5,)
+
+
+def test_groups_stage_sizes():
+    assert [len(u) for u in abstract_model(name="vgg11", split="groups", num_groups=3).stage_units] == [3, 3, 2]
+    assert abstract_model(name="vgg11", split="groups", num_groups=8).num_stages == 8
+    assert abstract_model(name="small_cnn", split="groups", num_groups=np.int64(1)).num_stages == 1
+
+
+# ----------------------------------------------------------------------------- published sizes
+
+
+@pytest.mark.parametrize(
+    ("name", "backbone_params"),
+    [
+        # He et al. (2016), Table 6: 0.27M and 0.85M; the 18-layer network and VGG-11/16 with BatchNorm and the
+        # single linear classifier of the usual CIFAR versions (no convolution biases, as BatchNorm follows).
+        ("resnet20", 269_722),
+        ("resnet56", 853_018),
+        ("resnet18", 11_173_962),
+        ("vgg11", 9_228_362),
+        ("vgg16", 14_724_042),
+    ],
+)
+def test_published_parameter_counts(name, backbone_params):
+    model = abstract_model(name=name, width=None)
+    auxiliary = M.count_params(model.heads) - M.count_params(model.heads[-1])
+    assert M.count_params(model) - auxiliary == backbone_params
+
+
+def test_count_params_small_cnn():
+    model = M.build_model(config(name="small_cnn"), NUM_CLASSES, rngs())
+    convs = 3 * 3 * (3 * 4 + 4 * 8 + 8 * 16 + 16 * 32)  # no bias: BatchNorm follows
+    bn = 2 * (4 + 8 + 16 + 32)
+    heads = (4 + 8 + 16 + 32) * NUM_CLASSES + 4 * NUM_CLASSES
+    assert M.count_params(model) == convs + bn + heads
+    assert M.count_params(model, nnx.BatchStat) == bn
+
+
+# ----------------------------------------------------------------------------- BatchNorm modes
+
+
+def test_eval_mode_is_per_example_and_train_mode_updates_statistics():
+    model = M.build_model(config(name="small_cnn", head="conv", head_width=8), NUM_CLASSES, rngs())
+    x = images(0)
+    y = x.at[1:].set(images(1)[1:])  # same first image, a different companion
+
+    stats0 = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
+    out_x, out_y = model(x), model(y)
+    # training mode normalises with batch statistics: an output depends on the rest of the batch...
+    assert not np.allclose(out_x[0], out_y[0])
+    # ...and every running mean and variance on the path moves (the auxiliary heads are not on it)
+    stats1 = nnx.state(model, nnx.BatchStat)
+    moved = jax.tree.map(lambda a, b: not np.allclose(a, b), stats0, stats1)
+    assert all(jax.tree.leaves(moved["stages"])) and all(jax.tree.leaves(moved["heads"][3]))
+    assert not any(jax.tree.leaves(moved["heads"][0]))
+
+    model.eval()
+    assert all(bn.use_running_average for bn in bn_layers(model))
+    stats1 = jax.tree.map(np.array, stats1)
+    np.testing.assert_allclose(model(x)[0], model(y)[0], rtol=1e-6, atol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, stats1, jax.tree.map(np.array, nnx.state(model, nnx.BatchStat)))
+
+    model.train()
+    assert not any(bn.use_running_average for bn in bn_layers(model))
+
+
+# ----------------------------------------------------------------------------- heads and plain networks
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "vgg11", "resnet20"])
+@pytest.mark.parametrize("head_hidden", [0, 6])
+def test_conv_head(name, head_hidden):
+    cfg = config(name=name, split="block", head="conv", head_width=8, head_hidden=head_hidden)
+    model = M.build_model(cfg, NUM_CLASSES, rngs())
+    assert all(isinstance(h, M.ConvHead) for h in model.heads)
+    assert all((h.hidden is not None) == (head_hidden > 0) for h in model.heads)
+    logits = model(images())
+    assert logits.shape == (BATCH, NUM_CLASSES)
+    assert np.all(np.isfinite(logits))
+
+
+def test_linear_head_is_default():
+    model = M.build_model(ml_collections.ConfigDict({"name": "small_cnn", "width": WIDTH}), NUM_CLASSES, rngs())
+    assert all(isinstance(h, M.LinearHead) for h in model.heads)
+    assert model.num_stages == 4  # split="layer" by default
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "vgg11", "resnet18", "resnet20"])
+@pytest.mark.parametrize("head", M.HEADS)
+def test_batchnorm_false_builds_a_plain_network(name, head):
+    model = M.build_model(config(name=name, head=head, head_width=8, batchnorm=False), NUM_CLASSES, rngs())
+    assert bn_layers(model) == []
+    assert jax.tree.leaves(nnx.state(model, nnx.BatchStat)) == []
+    logits = model(images())
+    assert logits.shape == (BATCH, NUM_CLASSES)
+    assert np.all(np.isfinite(logits))
+    with_bn = M.build_model(config(name=name, head=head, head_width=8), NUM_CLASSES, rngs())
+    assert len(bn_layers(with_bn)) > 0
+
+
+def test_adaptive_avg_pool():
+    x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
+    expected = x.reshape(2, 2, 2, 2, 2, 3).mean(axis=(2, 4))
+    np.testing.assert_allclose(M.adaptive_avg_pool(x, 2), expected)
+    one = jnp.ones((2, 1, 1, 3), jnp.float32) * jnp.arange(3, dtype=jnp.float32)
+    np.testing.assert_array_equal(M.adaptive_avg_pool(one, 2), jnp.broadcast_to(one, (2, 2, 2, 3)))
+    # 3 → 2 uses the overlapping bins [0, 2) and [1, 3), as PyTorch does
+    three = jnp.arange(9, dtype=jnp.float32).reshape(1, 3, 3, 1)
+    np.testing.assert_allclose(M.adaptive_avg_pool(three, 2)[0, :, :, 0], [[2.0, 3.0], [5.0, 6.0]])
+
+
+# ----------------------------------------------------------------------------- gradients between stages
+
+
+def test_features_stop_gradient():
+    model = M.build_model(config(name="small_cnn"), NUM_CLASSES, rngs())
+    x = images()
+
+    def grads(stop_gradient):
+        def loss(m):
+            return jnp.sum(m.features(x, stop_gradient=stop_gradient)[1] ** 2)
+
+        return nnx.jit(nnx.grad(loss))(model)
+
+    stopped, full = grads(True), grads(False)
+    assert all(np.all(g == 0) for g in jax.tree.leaves(stopped["stages"][0]))
+    assert any(np.any(g != 0) for g in jax.tree.leaves(full["stages"][0]))
+    assert any(np.any(g != 0) for g in jax.tree.leaves(stopped["stages"][1]))
+
+
+# ----------------------------------------------------------------------------- jit
+
+
+def test_nnx_jit_forward_and_stage():
+    model = M.build_model(config(name="small_cnn"), NUM_CLASSES, rngs())
+    x = images()
+    eager = model(x)
+    forward = nnx.jit(lambda m, x: m(x))
+    np.testing.assert_allclose(forward(model, x), eager, rtol=1e-5, atol=1e-5)
+
+    stage = nnx.jit(lambda m, k, x: m.stage_forward(k, x), static_argnums=1)
+    np.testing.assert_allclose(stage(model, 0, x), model.stage_forward(0, x), rtol=1e-5, atol=1e-5)
+
+    # batch statistics updated inside the jitted call are written back to the model
+    before = np.array(model.stages[0].layers[0].bn.mean[...])
+    forward(model, x)
+    assert not np.allclose(before, model.stages[0].layers[0].bn.mean[...])
+
+
+def test_split_merge_jax_jit():
+    model = M.build_model(config(name="small_cnn"), NUM_CLASSES, rngs())
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    x = images()
+    expected = model(x)
+    stats0 = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
+
+    @jax.jit
+    def apply(params, batch_stats, x):
+        m = nnx.merge(graphdef, params, batch_stats)
+        logits = m(x)
+        return logits, nnx.state(m, nnx.BatchStat)
+
+    logits, new_stats = apply(params, stats0, x)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert jax.tree.structure(new_stats) == jax.tree.structure(batch_stats)
+    assert not any(jax.tree.leaves(jax.tree.map(np.allclose, new_stats, stats0)))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("fields", "bad", "accepted"),
+    [
+        ({"name": "vgg19"}, "'vgg19'", "'resnet56'"),
+        ({"name": "small_cnn", "split": "layers"}, "'layers'", "'groups'"),
+        ({"name": "small_cnn", "head": "mlp"}, "'mlp'", "'conv'"),
+        ({"name": "vgg11", "split": "groups", "num_groups": 9}, "9", "between 1 and 8"),
+        ({"name": "vgg11", "split": "groups", "num_groups": 0}, "0", "between 1 and 8"),
+        ({"name": "vgg11", "split": "groups"}, "num_groups", "between 1 and 8"),
+        ({"name": "resnet20", "split": "groups", "num_groups": 10}, "10", "between 1 and 9"),
+        ({"name": "resnet20", "split": "groups", "num_groups": 1.5}, "1.5", "between 1 and 9"),
+        ({"name": "small_cnn", "width": 0}, "0", ">= 1"),
+        ({"name": "small_cnn", "width": 2.5}, "2.5", "int"),
+        ({"name": "small_cnn", "batchnorm": "yes"}, "'yes'", "True or False"),
+        ({"name": "small_cnn", "head": "conv", "head_hidden": -1}, "-1", ">= 0"),
+    ],
+)
+def test_bad_config_raises(fields, bad, accepted):
+    with pytest.raises(ValueError) as info:
+        M.build_model(config(**fields), NUM_CLASSES, rngs())
+    assert bad in str(info.value)
+    assert accepted in str(info.value)
+
+
+def test_bad_num_classes_and_stage_index():
+    with pytest.raises(ValueError, match="num_classes"):
+        M.build_model({"name": "small_cnn", "width": WIDTH}, 0, rngs())
+    model = M.build_model({"name": "small_cnn", "width": WIDTH}, NUM_CLASSES, rngs())
+    with pytest.raises(IndexError, match="4 stages"):
+        model.stage_forward(4, images())
+    with pytest.raises(IndexError, match="-1"):
+        model.head_forward(-1, images())
