@@ -1,0 +1,113 @@
+"""Configurations for every dataset, size and method, built from one place.
+
+``configs/cifar10.py``, ``configs/cifar100.py`` and ``configs/gtsrb.py`` each call
+:func:`get_config` with their dataset. The config argument (the part after ``:`` in
+``--config=configs/cifar10.py:cpu,sgd``) is a comma-separated list of variant names, at most
+one size and one method:
+
+* sizes: ``full`` (default: VGG-11, batch 128, the published recipe), ``cpu`` (the small
+  4-stage CNN, sized for a 2-core CPU) and ``smoke`` (a tiny network on a few hundred
+  images; a run takes well under a minute on CPU);
+* methods: ``sgd`` (end-to-end backpropagation, the baseline; the default).
+
+Any field can then be overridden on the command line, e.g. ``--config.train.num_epochs=3``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+DATASETS = ("cifar10", "cifar100", "gtsrb")
+SIZES = ("full", "cpu", "smoke")
+METHODS = ("sgd",)
+
+
+def parse_variant(arg: str | None) -> tuple[str, str]:
+    """Splits ``"cpu,sgd"`` into (size, method), refusing unknown or repeated names."""
+    size, method = None, None
+    tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
+    for token in tokens:
+        if token in SIZES:
+            if size is not None:
+                raise ValueError(f"config variant {arg!r} names two sizes ({size!r}, {token!r}); give at most one")
+            size = token
+        elif token in METHODS:
+            if method is not None:
+                raise ValueError(f"config variant {arg!r} names two methods ({method!r}, {token!r}); give at most one")
+            method = token
+        else:
+            raise ValueError(
+                f"unknown config variant {token!r} in {arg!r}; accepted sizes: {SIZES}, methods: {METHODS}"
+            )
+    return size or "full", method or "sgd"
+
+
+def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The configuration of a run on ``dataset`` for the variant string ``arg``."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; accepted: {DATASETS}")
+    size, method = parse_variant(arg)
+
+    config = ml_collections.ConfigDict()
+    config.variant = f"{size},{method}"
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = dataset
+    config.data.source = "gtsrb" if dataset == "gtsrb" else "tfds"
+    config.data.dir = ""
+    config.data.train_limit = 0
+    config.data.test_limit = 0
+    config.data.image_size = 32
+    config.data.crop_padding = 4
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "vgg11"
+    config.model.split = "block"
+    config.model.num_groups = 0
+    config.model.head = "linear"
+    config.model.width = 0  # 0: the network's published width
+    config.model.batchnorm = True
+    config.model.head_width = 128
+    config.model.head_hidden = 0
+
+    config.method = method
+    config.schedule = "end_to_end"
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 0.1
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = True
+    config.optimizer.weight_decay = 5e-4
+    config.optimizer.schedule = "cosine"  # or "multistep"
+    config.optimizer.milestones = (0.5, 0.75)  # fractions of training, for "multistep"
+    config.optimizer.decay_factor = 0.1
+    config.optimizer.warmup_epochs = 0
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 128
+    config.train.eval_batch_size = 500
+    config.train.num_epochs = 200 if dataset != "gtsrb" else 30
+    config.train.label_smoothing = 0.0
+    config.train.log_every_steps = 20
+    config.train.checkpoint = True
+    config.train.overwrite = False  # start over in a workdir that holds another config's run
+    config.train.progress = True
+
+    if size == "cpu":
+        config.model.name = "small_cnn"
+        config.model.split = "layer"
+        config.model.width = 32
+        config.optimizer.learning_rate = 0.05
+        config.train.num_epochs = 30 if dataset != "gtsrb" else 10
+    elif size == "smoke":
+        config.model.name = "small_cnn"
+        config.model.split = "layer"
+        config.model.width = 4
+        config.data.train_limit = 256
+        config.data.test_limit = 128
+        config.train.batch_size = 32
+        config.train.eval_batch_size = 64
+        config.train.num_epochs = 2
+        config.train.log_every_steps = 2
+    return config

@@ -1,0 +1,196 @@
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from dibjax import config_lib, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECORD_KEYS = {
+    "stage",
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "images_per_second",
+    "seconds",
+    "learning_rate",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A learnable 10-class npz data set: the class sets the image's brightness."""
+    folder = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 96), ("test", 40)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 16, 16, 3)) + 20 * labels[:, None, None, None]
+        np.savez(folder / f"{split}.npz", image=images.astype(np.uint8), label=labels)
+    return folder
+
+
+def smoke_config(data_dir, **overrides):
+    config = config_lib.get_config("cifar10", "smoke")
+    config.data.source = "npz"
+    config.data.dir = str(data_dir)
+    config.data.image_size = 16
+    config.train.batch_size = 16
+    config.train.eval_batch_size = 16
+    config.train.progress = False
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def final_state(workdir):
+    with ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints") as manager:
+        restored = manager.restore(manager.latest_step())
+    return restored
+
+
+def test_smoke_run_through_the_cli(tiny_data, tmp_path):
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "dibjax.main",
+        "--config=configs/cifar10.py:smoke",
+        f"--workdir={workdir}",
+        "--config.data.source=npz",
+        f"--config.data.dir={tiny_data}",
+        "--config.data.image_size=16",
+        "--config.train.batch_size=16",
+        "--config.train.eval_batch_size=16",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(set(r) == RECORD_KEYS for r in records)
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["test_accuracy"] == records[-1]["test_accuracy"]
+    assert summary["train_step_peak_bytes"] > 0
+    assert "epoch 2/2" in result.stdout
+
+
+def test_resuming_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    config = smoke_config(tiny_data, **{"train.num_epochs": 3})
+    train.train_and_evaluate(config, tmp_path / "straight")
+
+    calls = {"n": 0}
+    real_evaluate = train.evaluate
+
+    def interrupted_evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # during epoch 2, after epoch 1's checkpoint
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", interrupted_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, tmp_path / "resumed")
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    train.train_and_evaluate(config, tmp_path / "resumed")
+
+    straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+
+
+def test_workdir_of_another_config_is_refused_unless_overwrite(tiny_data, tmp_path):
+    train.train_and_evaluate(smoke_config(tiny_data, **{"train.num_epochs": 1}), tmp_path)
+    other = smoke_config(tiny_data, **{"train.num_epochs": 1, "optimizer.learning_rate": 0.01})
+    with pytest.raises(ValueError, match=r"optimizer.learning_rate: 0.1 -> 0.01.*overwrite=True"):
+        train.train_and_evaluate(other, tmp_path)
+    other.train.overwrite = True
+    summary = train.train_and_evaluate(other, tmp_path)
+    assert summary["num_epochs"] == 1
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    config = smoke_config(tiny_data, **{"train.num_epochs": 2})
+    real_step = train.Trainer._train_step
+
+    def poisoned_step(self, state, batch):
+        # From the 8th step on (epoch 2, whose 6 steps start at 6), images are NaN.
+        step = state["step"]
+        batch = dict(batch, image=jax.numpy.where(step >= 7, jax.numpy.nan, batch["image"].astype("float32")))
+        return real_step(self, state, batch)
+
+    monkeypatch.setattr(train.Trainer, "_train_step", poisoned_step)
+    with pytest.raises(train.NonFiniteLossError, match=r"epoch 2, step 2 of that epoch \(global step 8\)"):
+        train.train_and_evaluate(config, tmp_path)
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
+        assert manager.all_steps() == [1]
+
+
+def test_batch_sharded_over_four_devices_gives_the_same_loss(tiny_data, tmp_path):
+    script = (
+        "import json, sys; from tests.test_train import smoke_config; from dibjax import train; "
+        "config = smoke_config(sys.argv[1], **{'train.num_epochs': 1, 'train.checkpoint': False}); "
+        "import jax; print(json.dumps([jax.device_count(), train.train_and_evaluate(config, sys.argv[2])]))"
+    )
+    results = {}
+    for devices in (1, 4):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(tiny_data), str(tmp_path / str(devices))],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        count, _ = json.loads(out.stdout.strip().splitlines()[-1])
+        assert count == devices
+        results[devices] = json.loads((tmp_path / str(devices) / "metrics.jsonl").read_text())
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose(results[4][key], results[1][key], rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("model.name", "vgg99", r"unknown model.name 'vgg99'; accepted: small_cnn, vgg11"),
+        ("data.name", "mnist", r"unknown data.name 'mnist'; accepted: cifar10"),
+        ("data.source", "http", r"unknown data.source 'http'; accepted: tfds"),
+        ("schedule", "sideways", r"unknown schedule 'sideways'"),
+    ],
+)
+def test_unknown_names_are_refused_before_any_work(tmp_path, field, value, message):
+    config = smoke_config(tmp_path / "does-not-exist", **{field: value})
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_folder_says_where_it_looked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        train.train_and_evaluate(smoke_config(tmp_path / "does-not-exist"), tmp_path / "run")
+
+
+@pytest.mark.parametrize("dataset", config_lib.DATASETS)
+def test_config_variants(dataset):
+    for arg in (None, "", "sgd", "cpu", "smoke", "cpu,sgd", "sgd,smoke"):
+        config = config_lib.get_config(dataset, arg)
+        train.check_config(config)
+        assert config.data.name == dataset
+    assert config_lib.get_config(dataset, "cpu").model.name == "small_cnn"
+    with pytest.raises(ValueError, match=r"unknown config variant 'tpu'.*sizes: \('full', 'cpu', 'smoke'\)"):
+        config_lib.get_config(dataset, "tpu")
+    with pytest.raises(ValueError, match="two sizes"):
+        config_lib.get_config(dataset, "cpu,smoke")
