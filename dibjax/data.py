@@ -20,8 +20,12 @@ Sources (``config.source``)
 * ``"npz"``: ``dir/train.npz`` and ``dir/test.npz``, each with ``image`` (uint8 N×H×W×3)
   and ``label`` (any integer dtype).
 * ``"tfds"``: CIFAR-10/100 through tensorflow-datasets' random-access ``array_record``
-  data source, which needs no TensorFlow to read. Preparing the data the first time does:
-  tfds' CIFAR builder reads the raw archive with TensorFlow. See :func:`load`.
+  data source, which needs no TensorFlow to read. tfds' own CIFAR builder needs TensorFlow to
+  prepare the data, so when the data set is not prepared yet, dibjax does it instead: it
+  downloads the official CIFAR python archive (:func:`download_cifar`) and writes it with tfds'
+  writer under tfds' name, version and features (:func:`prepare_tfds_cifar`), giving the data
+  set ``tfds.data_source(name, data_dir=dir)`` reads. ``config.download = False`` forbids the
+  download; an archive placed in the data folder by hand is still converted. See :func:`load`.
 * ``"gtsrb"``: the GTSRB release on disk, official (``Final_Training/Images/000CC/*.ppm``)
   or folder (``Train/<ClassId>/*.png`` with ``Train.csv``/``Test.csv``) layout, detected
   automatically. Each image is cropped to its annotated ROI and resized to
@@ -32,18 +36,23 @@ Sources (``config.source``)
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
+import functools
 import hashlib
 import http.client
+import io
 import os
 import pathlib
+import pickle
 import shutil
+import tarfile
 import urllib.error
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -58,10 +67,12 @@ __all__ = [
     "DatasetInfo",
     "augment",
     "checked_dataset",
+    "download_cifar",
     "download_gtsrb",
     "eval_batches",
     "load",
     "normalize",
+    "prepare_tfds_cifar",
     "steps_per_epoch",
     "train_batches",
 ]
@@ -218,6 +229,9 @@ def load(config: Any) -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
             * ``image_size`` (optional): side of the square images the ``gtsrb`` source
               resizes to (default 32). With other sources, the data must already be of this
               size.
+            * ``download`` (optional, default True): for ``tfds``, whether a data set that is
+              not prepared in the data folder may be downloaded (see :func:`download_cifar`).
+              With False, only an archive already placed there is converted.
 
     Returns:
         ``(train, test, info)``, where ``info.image_shape`` is the shape actually loaded.
@@ -227,6 +241,8 @@ def load(config: Any) -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
             serve (checked before any work), or data of the wrong form.
         FileNotFoundError: when the data is not where ``config.dir`` says; the message says
             where it looked and how to get the data.
+        ConnectionError: when the ``tfds`` source must download its archive and cannot; the
+            message gives the URL, the reason and what to do instead.
     """
     name, source = _field(config, "name"), _field(config, "source")
     if name not in DATASETS:
@@ -239,6 +255,11 @@ def load(config: Any) -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
     image_size = _field(config, "image_size")
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0):
         raise ValueError(f"config.image_size must be a positive int or None, got {image_size!r}")
+    download = _field(config, "download")
+    if download is None:
+        download = True
+    elif not isinstance(download, bool):
+        raise ValueError(f"config.download must be a bool or None (None: True), got {download!r}")
     directory = _field(config, "dir") or None
     if directory is None and source != "tfds":
         raise ValueError(f"config.dir must name the data folder for source {source!r}")
@@ -248,7 +269,7 @@ def load(config: Any) -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
     if source == "npz":
         train, test = _load_npz(directory, info.num_classes, train_limit, test_limit)
     elif source == "tfds":
-        train, test = _load_tfds(name, directory, info.num_classes, train_limit, test_limit)
+        train, test = _load_tfds(name, directory, info.num_classes, train_limit, test_limit, download=download)
     else:
         train, test = _load_gtsrb(directory, image_size or 32, train_limit, test_limit)
 
@@ -292,30 +313,28 @@ def _load_npz(
 
 
 def _load_tfds(
-    name: str, directory: pathlib.Path | None, num_classes: int, train_limit: int | None, test_limit: int | None
+    name: str,
+    directory: pathlib.Path | None,
+    num_classes: int,
+    train_limit: int | None,
+    test_limit: int | None,
+    *,
+    download: bool,
 ) -> tuple[ArrayDataset, ArrayDataset]:
     if directory is not None and not directory.is_dir():
         raise FileNotFoundError(
-            f"tfds data folder {directory} does not exist. Create it (on a machine with internet access, "
-            f"tensorflow-datasets downloads and prepares {name} there on first use), or leave config.dir empty "
-            "for tfds' default folder"
+            f"tfds data folder {directory} does not exist. Create it (dibjax downloads {name} and prepares it there "
+            "on first use), or leave config.dir empty for tfds' default folder"
         )
     # Imported here: tensorflow-datasets takes a second to import and only this source needs it.
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=None if directory is None else os.fspath(directory))
     if not builder.is_prepared():
-        try:
-            # array_record is the format tfds can read by index without TensorFlow.
-            builder.download_and_prepare(file_format="array_record")
-        except Exception as e:
-            raise FileNotFoundError(
-                f"tfds data set {name} is not prepared in {builder.data_dir}, and preparing it failed "
-                f"({type(e).__name__}: {e}). On a machine with internet access, tensorflow-datasets downloads and "
-                f"prepares it on first use; its CIFAR builder needs TensorFlow for that one step, so either run "
-                f"`tfds build {name} --file_format=array_record --data_dir=DIR` where TensorFlow is installed and "
-                f"copy DIR here, or use source='npz' with {_NPZ_HELP}"
-            ) from e
+        # tfds' own CIFAR builder needs TensorFlow to prepare the data; dibjax's writes the same data set without.
+        root = pathlib.Path(os.fspath(builder.data_dir_root))
+        _prepare_cifar(name, root, lambda: _cifar_archive(name, root, timeout=60.0, download=download))
+        builder = tfds.builder(name, data_dir=os.fspath(root))
     splits = []
     for split, limit in (("train", train_limit), ("test", test_limit)):
         data_source = builder.as_data_source(split=split)
@@ -335,6 +354,291 @@ def _load_tfds(
             labels[i] = example["label"]
         splits.append(checked_dataset(images, labels, num_classes=num_classes, source=where))
     return splits[0], splits[1]
+
+
+# --------------------------------------------------------------------------- CIFAR archives
+
+
+@dataclasses.dataclass(frozen=True)
+class _CifarArchive:
+    """Where the official python archive of a CIFAR data set keeps what tfds' builder of that name writes."""
+
+    filename: str
+    folder: str  # the folder the archive unpacks to
+    splits: dict[str, tuple[str, ...]]  # tfds split: its pickled batches, in order
+    meta: str  # the pickle holding the class names
+    labels: dict[str, bytes]  # tfds label feature: its key in a batch
+    names: dict[str, bytes]  # tfds label feature: the key of its class names in `meta`
+
+
+_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
+_CIFAR_ARCHIVES = {
+    "cifar10": _CifarArchive(
+        filename="cifar-10-python.tar.gz",
+        folder="cifar-10-batches-py",
+        splits={"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
+        meta="batches.meta",
+        labels={"label": b"labels"},
+        names={"label": b"label_names"},
+    ),
+    "cifar100": _CifarArchive(
+        filename="cifar-100-python.tar.gz",
+        folder="cifar-100-python",
+        splits={"train": ("train",), "test": ("test",)},
+        meta="meta",
+        labels={"label": b"fine_labels", "coarse_label": b"coarse_labels"},
+        names={"label": b"fine_label_names", "coarse_label": b"coarse_label_names"},
+    ),
+}
+# As published on the CIFAR page.
+_CIFAR_MD5 = {"cifar10": "c58f30108f718f92721af3b95e74349a", "cifar100": "eb9058c3a382ffc7106e4002c42a8d85"}
+_NUMPY_RECONSTRUCT = np.empty(0).__reduce__()[0]
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain data and NumPy arrays, all a CIFAR batch holds: other pickles may run any code."""
+
+    _GLOBALS: dict[tuple[str, str], Any] = {
+        ("_codecs", "encode"): codecs.encode,  # how protocol 2 stores bytes written by Python 3
+        ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+        ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._GLOBALS[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: CIFAR batches hold only plain data and NumPy arrays"
+            ) from None
+
+
+def _check_cifar_name(name: str) -> None:
+    if name not in _CIFAR_ARCHIVES:
+        raise ValueError(f"unknown CIFAR data set {name!r}; accepted: {', '.join(_CIFAR_ARCHIVES)}")
+
+
+def _entries(value: Any, keys: list[bytes], where: str) -> list[Any]:
+    if not isinstance(value, dict) or not all(key in value for key in keys):
+        found = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise ValueError(f"{where}: expected a dict with the keys {keys}, found {found}")
+    return [value[key] for key in keys]
+
+
+def _read_cifar_archive(
+    name: str, archive: pathlib.Path
+) -> tuple[dict[str, tuple[np.ndarray, dict[str, np.ndarray]]], dict[str, list[str]]]:
+    """Reads ``{split: (images, {label feature: labels})}`` and ``{label feature: class names}``."""
+    spec = _CIFAR_ARCHIVES[name]
+    members = [*(batch for batches in spec.splits.values() for batch in batches), spec.meta]
+    wanted = {f"{spec.folder}/{member}": member for member in members}
+    pickles = {}
+    try:
+        # One pass in archive order: seeking back in a gzip stream would decompress it again.
+        with tarfile.open(archive, "r:gz") as tar:
+            for info in tar:
+                if info.name in wanted and info.isfile():
+                    with tar.extractfile(info) as f:
+                        pickles[wanted[info.name]] = _CifarUnpickler(f, encoding="bytes").load()
+    except (tarfile.TarError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{archive}: not a readable CIFAR python archive ({type(e).__name__}: {e})") from e
+    missing = [f"{spec.folder}/{member}" for member in members if member not in pickles]
+    if missing:
+        raise ValueError(
+            f"{archive}: holds no {', '.join(missing)}; expected the CIFAR python archive {_CIFAR_URL}{spec.filename}"
+        )
+    splits = {}
+    for split, batches in spec.splits.items():
+        images, labels = [], {feature: [] for feature in spec.labels}
+        for batch in batches:
+            where = f"{archive}: {spec.folder}/{batch}"
+            rows, *values = _entries(pickles[batch], [b"data", *spec.labels.values()], where)
+            if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.shape[1:] != (3072,):
+                found = f"{rows.dtype} {rows.shape}" if isinstance(rows, np.ndarray) else type(rows).__name__
+                raise ValueError(f"{where}: data must be a uint8 array of shape (N, 3072), got {found}")
+            # A row holds the red, then the green, then the blue plane, each 32×32 in row-major order.
+            images.append(rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            for (feature, key), value in zip(spec.labels.items(), values, strict=True):
+                value = np.asarray(value, dtype=np.int64)
+                if value.shape != (len(rows),):
+                    raise ValueError(f"{where}: {len(rows)} images but {key.decode()} of shape {value.shape}")
+                labels[feature].append(value)
+        splits[split] = (np.concatenate(images), {feature: np.concatenate(value) for feature, value in labels.items()})
+    meta = _entries(pickles[spec.meta], list(spec.names.values()), f"{archive}: {spec.folder}/{spec.meta}")
+    names = {
+        feature: [n.decode() if isinstance(n, bytes) else str(n) for n in value]
+        for feature, value in zip(spec.names, meta, strict=True)
+    }
+    return splits, names
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@functools.cache
+def _cifar_builder_class(name: str) -> type:
+    """tfds' CIFAR builder (same name, version, features and record keys), fed from the python archive.
+
+    tfds' own reads the binary archive with ``tf.io.gfile`` and encodes arrays with TensorFlow; this
+    one reads the pickles and hands tfds PNG bytes, so it needs no TensorFlow.
+    """
+    import tensorflow_datasets as tfds
+
+    base = {"cifar10": tfds.image_classification.Cifar10, "cifar100": tfds.image_classification.Cifar100}[name]
+    dataset = name  # a class body reads an enclosing variable only under a name it does not assign
+
+    class Builder(base, skip_registration=True):
+        name = dataset
+        code_path = None  # no checksums file to look up
+        archive_fn: Callable[[], pathlib.Path]  # returns the archive; set on each instance
+
+        def _split_generators(self, dl_manager):
+            del dl_manager  # archive_fn provides the archive
+            splits, names = _read_cifar_archive(dataset, self.archive_fn())
+            for feature, feature_names in names.items():
+                self.info.features[feature].names = feature_names
+            return {split: self._generate_examples(split, *arrays) for split, arrays in splits.items()}
+
+        def _generate_examples(self, split, images, labels):
+            for index, image in enumerate(images):
+                example = {feature: int(value[index]) for feature, value in labels.items()}
+                # The keys and ids of tfds' own builder: tfds orders the records by key, so they match too.
+                yield index, {"id": f"{split}_{index:05d}", "image": _png(image), **example}
+
+    return Builder
+
+
+def _prepare_cifar(name: str, data_dir: pathlib.Path, archive_fn: Callable[[], pathlib.Path]) -> None:
+    import tensorflow_datasets as tfds
+
+    builder = _cifar_builder_class(name)(data_dir=os.fspath(data_dir), file_format="array_record")
+    builder.archive_fn = archive_fn
+    # Returns at once where the data set is prepared; archive_fn is called only otherwise. tfds writes
+    # into a temporary folder and renames it when complete, so an interrupted run leaves no data set.
+    config = tfds.download.DownloadConfig(try_download_gcs=False)
+    builder.download_and_prepare(file_format="array_record", download_config=config)
+
+
+def _md5(path: pathlib.Path) -> str:
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            md5.update(chunk)
+    return md5.hexdigest()
+
+
+def _cifar_archive(name: str, directory: pathlib.Path, *, timeout: float, download: bool) -> pathlib.Path:
+    """The official archive in ``directory``, MD5-checked; downloaded first where absent and allowed."""
+    filename, md5 = _CIFAR_ARCHIVES[name].filename, _CIFAR_MD5[name]
+    url, archive = _CIFAR_URL + filename, directory / filename
+    instead = (
+        f"download {url} elsewhere and place it in {directory} (dibjax then prepares {name} from it without network "
+        f"access), or use source='npz' with {_NPZ_HELP}"
+    )
+    if archive.is_file():
+        digest = _md5(archive)
+        if digest != md5:
+            raise ValueError(f"{archive}: MD5 {digest}, expected {md5} (that of {url}); delete the file and try again")
+        return archive
+    if not download:
+        raise FileNotFoundError(
+            f"tfds data set {name} is not prepared in {directory}, and downloading it is off (config.download is "
+            f"False): {instead}"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(filename + ".partial")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as f:
+            shutil.copyfileobj(response, f, length=1 << 20)
+    except (OSError, http.client.HTTPException) as e:
+        partial.unlink(missing_ok=True)
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        raise ConnectionError(f"downloading {url} failed ({reason}). Without network access here, {instead}") from e
+    digest = _md5(partial)
+    if digest != md5:
+        partial.unlink()
+        raise ValueError(f"downloading {url} gave a file with MD5 {digest}, expected {md5}; try again")
+    # Renamed only once complete and checked, so an interrupted download never passes for the archive.
+    os.replace(partial, archive)
+    return archive
+
+
+def prepare_tfds_cifar(
+    name: str, data_dir: str | os.PathLike, *, archive: str | os.PathLike | None = None
+) -> pathlib.Path:
+    """Writes a CIFAR python archive as the tfds data set ``name`` in ``data_dir``, without TensorFlow.
+
+    The result is the data set tfds' own builder prepares in ``array_record`` format: same
+    name and version (``data_dir/name/3.0.2``), features (``id``, ``image``, ``label`` and,
+    for cifar100, ``coarse_label``, with the class names), record keys and so record order,
+    written by tfds' writer. ``tfds.data_source(name, data_dir=data_dir)`` and :func:`load`
+    read it. Where the data set is already prepared there, this does nothing.
+
+    Args:
+        name: ``"cifar10"`` or ``"cifar100"``.
+        data_dir: the tfds data folder; created if absent.
+        archive: the python archive (``cifar-10-python.tar.gz`` or ``cifar-100-python.tar.gz``
+            layout); default: that file in ``data_dir``. Its MD5 is not checked (use
+            :func:`download_cifar` for that); its pickles are read allowing only plain data
+            and NumPy arrays.
+
+    Returns:
+        ``data_dir`` as a path.
+
+    Raises:
+        FileNotFoundError: when the archive is missing.
+        ValueError: for an unknown name, or an archive that is not a CIFAR python archive.
+    """
+    _check_cifar_name(name)
+    data_dir = pathlib.Path(data_dir).expanduser()
+    path = data_dir / _CIFAR_ARCHIVES[name].filename if archive is None else pathlib.Path(archive).expanduser()
+
+    def archive_fn() -> pathlib.Path:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found; dibjax.data.download_cifar({name!r}, data_dir) downloads it from {_CIFAR_URL}"
+            )
+        return path
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_cifar(name, data_dir, archive_fn)
+    return data_dir
+
+
+def download_cifar(name: str, data_dir: str | os.PathLike, *, timeout: float = 60.0) -> pathlib.Path:
+    """Downloads the official CIFAR python archive and prepares the tfds data set from it.
+
+    What :func:`load` does on first use with ``source="tfds"``, where tfds' own CIFAR builder
+    would need TensorFlow. Unless the data set is already prepared in ``data_dir``, fetches
+    ``cifar-10-python.tar.gz`` (about 163 MB) or ``cifar-100-python.tar.gz`` (about 161 MB)
+    from https://www.cs.toronto.edu/~kriz/ into ``data_dir`` (through a ``.partial`` file,
+    renamed once its MD5 sum is verified), then writes it as :func:`prepare_tfds_cifar` does.
+    An archive already in ``data_dir`` (placed by hand, say) is MD5-checked and used without
+    network access. The archive is kept; delete it once the data set is prepared if space matters.
+
+    Args:
+        name: ``"cifar10"`` or ``"cifar100"``.
+        data_dir: the tfds data folder; created if absent.
+        timeout: seconds to wait for the server on each network operation.
+
+    Returns:
+        ``data_dir`` as a path.
+
+    Raises:
+        ConnectionError: when the download fails (no network, HTTP error); the message gives
+            the URL, the reason and what to do instead.
+        ValueError: for an unknown name, or an archive whose MD5 sum is wrong.
+    """
+    _check_cifar_name(name)
+    data_dir = pathlib.Path(data_dir).expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_cifar(name, data_dir, lambda: _cifar_archive(name, data_dir, timeout=timeout, download=True))
+    return data_dir
 
 
 # --------------------------------------------------------------------------- GTSRB
@@ -543,11 +847,7 @@ def download_gtsrb(directory: str | os.PathLike, *, timeout: float = 60.0) -> pa
                 ) from e
             os.replace(partial, archive)
         if md5 is not None:
-            md5_hash = hashlib.md5()
-            with open(archive, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    md5_hash.update(chunk)
-            digest = md5_hash.hexdigest()
+            digest = _md5(archive)
             if digest != md5:
                 raise ValueError(f"{archive}: MD5 {digest}, expected {md5}; delete the file and download it again")
         with zipfile.ZipFile(archive) as z:

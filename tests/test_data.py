@@ -1,7 +1,12 @@
 import functools
+import hashlib
 import importlib.util
 import io
+import os
+import pickle
+import shutil
 import sys
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
@@ -380,11 +385,16 @@ def tfds(tmp_path, monkeypatch):
     return pytest.importorskip("tensorflow_datasets")
 
 
+def _offline(url, timeout=None):
+    raise urllib.error.URLError("Name or service not known")
+
+
 def test_tensorflow_is_not_installed():
     assert importlib.util.find_spec("tensorflow") is None
 
 
-def test_tfds_with_mock_data(tfds):
+def test_tfds_with_mock_data(tfds, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", _offline)  # mocked data needs no download
     with tfds.testing.mock_data(num_examples=12):
         train, test, info = data.load(_config(name="cifar100", source="tfds", train_limit=5))
     assert len(train) == 5 and len(test) == 12
@@ -394,61 +404,228 @@ def test_tfds_with_mock_data(tfds):
     assert "tensorflow" not in sys.modules
 
 
-def _png(array):
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+# The layout of the official python archives: folder, {pickled batch: images in this fake}, class names pickle.
+_FAKE_CIFAR = {
+    "cifar10": (
+        "cifar-10-python.tar.gz",
+        "cifar-10-batches-py",
+        {
+            "data_batch_1": 3,
+            "data_batch_2": 2,
+            "data_batch_3": 1,
+            "data_batch_4": 2,
+            "data_batch_5": 1,
+            "test_batch": 4,
+        },
+        "batches.meta",
+    ),
+    "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", {"train": 5, "test": 3}, "meta"),
+}
+# A row stores the red, green and blue 32×32 planes one after the other, each row-major (the CIFAR page).
+_RAMP = (np.arange(1024) % 256).astype(np.uint8)
+_PLANES_ROW = np.concatenate([_RAMP, np.full(1024, 200, np.uint8), np.full(1024, 100, np.uint8)])
 
 
-def test_tfds_reads_a_real_array_record_dataset(tfds, tmp_path):
-    """Prepares a tiny cifar10 in array_record format and reads it back through the registered builder."""
-    sizes = {"train": 14, "test": 6}
+def _check_planes(images):
+    """Exactly one image is _PLANES_ROW, read as H×W×C."""
+    red = _RAMP.reshape(32, 32)
+    found = [i for i, image in enumerate(images) if np.array_equal(image[..., 0], red)]
+    assert len(found) == 1
+    image = images[found[0]]
+    assert image[0, 1, 0] == 1 and image[1, 0, 0] == 32  # row-major within the plane
+    assert (image[..., 1] == 200).all() and (image[..., 2] == 100).all()
 
-    def example(split, index):
-        image = np.random.default_rng([len(split), index]).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-        image[0, 0, 0] = index  # identifies the record: tfds shuffles records when preparing
-        return image, (3 * index + len(split)) % 10
 
-    class Cifar10(tfds.image_classification.Cifar10, skip_registration=True):
-        code_path = None  # no checksums file to look up
+def _write_fake_cifar(folder, name="cifar10"):
+    """Writes a tiny archive laid out like the official python one; returns its path and contents.
 
-        def _split_generators(self, dl_manager):
-            return {split: self._generate_examples(split, n) for split, n in sizes.items()}
+    The contents are ``{split: [(image H×W×3, label, coarse label or None), ...]}`` in the
+    archive's order, and the class names.
+    """
+    filename, top, batches, meta_name = _FAKE_CIFAR[name]
+    num_classes = 10 if name == "cifar10" else 100
+    rng = np.random.default_rng(len(name))
+    expected = {"train": [], "test": []}
+    members = {f"{top}/readme.html": b"<html></html>"}
+    for batch, n in batches.items():
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        rows = images.transpose(0, 3, 1, 2).reshape(n, 3072)
+        if batch in ("data_batch_2", "train"):
+            rows[1] = _PLANES_ROW
+            images[1] = np.stack([_RAMP.reshape(32, 32), np.full((32, 32), 200), np.full((32, 32), 100)], axis=-1)
+        labels = rng.integers(0, num_classes, n).tolist()
+        content = {b"batch_label": batch.encode(), b"data": rows, b"filenames": [b"x.png"] * n}
+        if name == "cifar10":
+            content[b"labels"], coarse = labels, [None] * n
+        else:
+            coarse = [label // 5 for label in labels]
+            content[b"fine_labels"], content[b"coarse_labels"] = labels, coarse
+        members[f"{top}/{batch}"] = pickle.dumps(content, protocol=2)
+        split = "test" if batch.startswith("test") else "train"
+        expected[split] += list(zip(images, labels, coarse, strict=True))
+    names = {"label": [f"class{i}" for i in range(num_classes)]}
+    if name == "cifar10":
+        meta = {b"label_names": [x.encode() for x in names["label"]], b"num_cases_per_batch": 10000, b"num_vis": 3072}
+    else:
+        names["coarse_label"] = [f"super{i}" for i in range(20)]
+        meta = {b"fine_label_names": [x.encode() for x in names["label"]]}
+        meta[b"coarse_label_names"] = [x.encode() for x in names["coarse_label"]]
+    members[f"{top}/{meta_name}"] = pickle.dumps(meta, protocol=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / filename
+    with tarfile.open(path, "w:gz") as archive:
+        for member, payload in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    return path, expected, names
 
-        def _generate_examples(self, split, n):
-            for index in range(n):
-                image, label = example(split, index)
-                # PNG bytes: encoding an array would need TensorFlow.
-                yield index, {"id": f"{split}_{index:05d}", "image": _png(image), "label": label}
 
-    Cifar10(data_dir=str(tmp_path), file_format="array_record").download_and_prepare(file_format="array_record")
-    train, test, info = data.load(_config(name="cifar10", source="tfds", dir=str(tmp_path)))
-    assert info.num_classes == 10
-    for split, dataset in (("train", train), ("test", test)):
-        assert len(dataset) == sizes[split]
-        indices = dataset.images[:, 0, 0, 0].astype(int)
-        assert sorted(indices) == list(range(sizes[split]))
-        for image, label, index in zip(dataset.images, dataset.labels, indices, strict=True):
-            expected_image, expected_label = example(split, index)
-            np.testing.assert_array_equal(image, expected_image)
-            assert label == expected_label
-    limited, _, _ = data.load(_config(name="cifar10", source="tfds", dir=str(tmp_path), train_limit=4))
-    np.testing.assert_array_equal(limited.images, train.images[np.random.default_rng(0).permutation(14)[:4]])
+def _check_loaded(dataset, expected):
+    """``dataset`` holds exactly the ``expected`` images and labels (in tfds' record order)."""
+    by_image = {image.tobytes(): label for image, label, _ in expected}
+    assert len(by_image) == len(expected) == len(dataset)
+    assert {image.tobytes() for image in dataset.images} == set(by_image)
+    assert [by_image[image.tobytes()] for image in dataset.images] == dataset.labels.tolist()
+
+
+def _md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_prepare_tfds_cifar_writes_a_genuine_tfds_dataset(tfds, tmp_path, name):
+    """The python archive becomes the data set tfds' registered builder and data_source read."""
+    archive, expected, names = _write_fake_cifar(tmp_path / "download", name)
+    data_dir = tmp_path / "tfds"
+    assert data.prepare_tfds_cifar(name, data_dir, archive=archive) == data_dir
+    registered = tfds.builder(name, data_dir=str(data_dir))
+    assert registered.is_prepared() and str(registered.version) == "3.0.2"
+    assert registered.info.file_format.value == "array_record"
+    features = set(registered.info.features.keys())
+    assert features == set(tfds.builder(name, data_dir=str(tmp_path / "empty")).info.features.keys())
+    assert features == {"id", "image", "label"} | ({"coarse_label"} if name == "cifar100" else set())
+    for feature, feature_names in names.items():
+        assert registered.info.features[feature].names == feature_names
+    sources = tfds.data_source(name, data_dir=str(data_dir))
+    for split in ("train", "test"):
+        assert registered.info.splits[split].num_examples == len(expected[split])
+        records = [sources[split][i] for i in range(len(sources[split]))]
+        ids = [record["id"].decode() if isinstance(record["id"], bytes) else record["id"] for record in records]
+        # Ids number the images in archive order, as tfds' own builder does.
+        assert sorted(ids) == [f"{split}_{i:05d}" for i in range(len(expected[split]))]
+        for record, id_ in zip(records, ids, strict=True):
+            image, label, coarse = expected[split][int(id_.rsplit("_", 1)[1])]
+            np.testing.assert_array_equal(record["image"], image)
+            assert record["label"] == label
+            if name == "cifar100":
+                assert record["coarse_label"] == coarse
+        if split == "train":
+            _check_planes(np.stack([record["image"] for record in records]))
+
+    train, test, info = data.load(_config(name=name, source="tfds", dir=str(data_dir)))
+    assert info.num_classes == (10 if name == "cifar10" else 100)
+    _check_loaded(train, expected["train"])
+    _check_loaded(test, expected["test"])
+    limited, _, _ = data.load(_config(name=name, source="tfds", dir=str(data_dir), train_limit=4))
+    order = np.random.default_rng(0).permutation(len(train))[:4]
+    np.testing.assert_array_equal(limited.images, train.images[order])
+    assert data.prepare_tfds_cifar(name, data_dir, archive=tmp_path / "absent.tar.gz") == data_dir  # already prepared
     assert "tensorflow" not in sys.modules
 
 
-def test_tfds_missing_data(tfds, tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="does not exist.*internet") as error:
+def test_tfds_downloads_and_prepares_on_first_use(tfds, tmp_path, monkeypatch):
+    archive, expected, _ = _write_fake_cifar(tmp_path / "server")
+    payload = archive.read_bytes()
+    requested = []
+
+    def fake_urlopen(url, timeout=None):
+        requested.append((url, timeout))
+        return io.BytesIO(payload)
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setitem(data._CIFAR_MD5, "cifar10", _md5(archive))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    train, test, _ = data.load(_config(name="cifar10", source="tfds", dir=str(data_dir)))
+    assert requested == [("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", 60.0)]
+    _check_loaded(train, expected["train"])
+    _check_loaded(test, expected["test"])
+    _check_planes(train.images)
+    assert (data_dir / "cifar-10-python.tar.gz").read_bytes() == payload  # the archive is kept
+    assert not list(data_dir.glob("*.partial"))
+    # Prepared now: no second download, whether through load or download_cifar.
+    again, _, _ = data.load(_config(name="cifar10", source="tfds", dir=str(data_dir)))
+    np.testing.assert_array_equal(again.images, train.images)
+    assert data.download_cifar("cifar10", data_dir) == data_dir
+    assert len(requested) == 1
+    assert "tensorflow" not in sys.modules
+
+
+def test_download_cifar_checks_the_md5(tfds, tmp_path, monkeypatch):
+    archive, expected, _ = _write_fake_cifar(tmp_path / "server")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(archive.read_bytes()))
+    data_dir = tmp_path / "data"
+    # The real MD5: the fake archive does not match it.
+    with pytest.raises(ValueError, match=r"cifar-10-python.tar.gz gave a file with MD5 .*expected c58f30108f718f92"):
+        data.download_cifar("cifar10", data_dir, timeout=5.0)
+    assert not (data_dir / "cifar-10-python.tar.gz").exists() and not list(data_dir.glob("*.partial"))
+    assert not tfds.builder("cifar10", data_dir=str(data_dir)).is_prepared()
+    # An archive placed by hand is checked too, and is used without network access.
+    monkeypatch.setattr(urllib.request, "urlopen", _offline)
+    shutil.copy(archive, data_dir / archive.name)
+    with pytest.raises(ValueError, match=r"data/cifar-10-python.tar.gz: MD5 .*expected c58f30108f718f92.*delete"):
+        data.download_cifar("cifar10", data_dir)
+    monkeypatch.setitem(data._CIFAR_MD5, "cifar10", _md5(archive))
+    train, _, _ = data.load(_config(name="cifar10", source="tfds", dir=str(data_dir), download=False))
+    _check_loaded(train, expected["train"])
+
+
+def test_tfds_offline_and_download_off(tfds, tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", _offline)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for load in (
+        lambda: data.load(_config(name="cifar100", source="tfds", dir=str(data_dir))),
+        lambda: data.download_cifar("cifar100", data_dir),
+    ):
+        with pytest.raises(ConnectionError) as error:
+            load()
+        message = str(error.value)
+        assert "downloading https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz failed" in message
+        assert "Name or service not known" in message
+        assert f"place it in {data_dir}" in message and "source='npz'" in message
+        assert not list(data_dir.glob("*.tar.gz*"))  # no partial download left behind
+        assert not tfds.builder("cifar100", data_dir=str(data_dir)).is_prepared()
+    with pytest.raises(FileNotFoundError, match=r"not prepared in .*config.download is False.*cifar-100-python.tar.gz"):
+        data.load(_config(name="cifar100", source="tfds", dir=str(data_dir), download=False))
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*first use") as error:
         data.load(_config(name="cifar10", source="tfds", dir=str(tmp_path / "absent")))
     assert str(tmp_path / "absent") in str(error.value)
+    with pytest.raises(ValueError, match="config.download must be a bool"):
+        data.load(_config(name="cifar10", source="tfds", dir=str(data_dir), download="no"))
+    with pytest.raises(ValueError, match=r"unknown CIFAR data set 'gtsrb'"):
+        data.download_cifar("gtsrb", data_dir)
+    assert "tensorflow" not in sys.modules
 
-    def offline(self, **kwargs):
-        raise ConnectionError("no network")
 
-    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
-    with pytest.raises(FileNotFoundError, match=r"not prepared in .*no network.*internet.*source='npz'") as error:
-        data.load(_config(name="cifar10", source="tfds", dir=str(tmp_path)))
-    assert str(tmp_path) in str(error.value)
+def test_prepare_tfds_cifar_refuses_other_archives(tfds, tmp_path):
+    archive, _, _ = _write_fake_cifar(tmp_path / "download", "cifar100")
+    with pytest.raises(ValueError, match=r"holds no cifar-10-batches-py/data_batch_1.*cifar-10-python.tar.gz"):
+        data.prepare_tfds_cifar("cifar10", tmp_path / "a", archive=archive)
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-python.tar.gz not found.*download_cifar"):
+        data.prepare_tfds_cifar("cifar10", tmp_path / "b")
+    # A pickle may run code: only plain data and NumPy arrays are loaded.
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        payload = pickle.dumps({b"data": os.getcwd}, protocol=2)
+        for member in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{member}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(ValueError, match=r"refusing to load posix.getcwd|refusing to load nt.getcwd"):
+        data.prepare_tfds_cifar("cifar10", tmp_path / "c", archive=evil)
+    assert not tfds.builder("cifar10", data_dir=str(tmp_path / "c")).is_prepared()
 
 
 # --------------------------------------------------------------------------- batching
