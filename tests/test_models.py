@@ -337,3 +337,33 @@ def test_bad_num_classes_and_stage_index():
         model.stage_forward(4, images())
     with pytest.raises(IndexError, match="-1"):
         model.head_forward(-1, images())
+
+
+def test_cpu_convolution_path_equals_the_native_convolution():
+    from dibjax.models import layers
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 5)), jnp.float32)
+    args = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=layers._NHWC_HWIO, precision="highest")
+
+    def loss(conv, w, x):
+        return jnp.sum(jnp.sin(conv(x, w, **args)))
+
+    ours = jax.value_and_grad(lambda w, x: loss(layers.conv_general_dilated, w, x), argnums=(0, 1))(w, x)
+    native = jax.value_and_grad(lambda w, x: loss(jax.lax.conv_general_dilated, w, x), argnums=(0, 1))(w, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), ours, native)
+    jaxpr = str(jax.make_jaxpr(lambda w, x: layers.conv_general_dilated(x, w, **args))(w, x))
+    assert "platform_index" in jaxpr  # the patches path is taken on CPU, the native one elsewhere
+
+
+def test_max_pool_matches_reduce_window():
+    from dibjax.models import layers
+
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 6, 3)), jnp.float32)
+    expected = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+    np.testing.assert_array_equal(layers.max_pool_2x2(x), expected)
+    odd = x[:, :7, :5]
+    np.testing.assert_array_equal(
+        layers.max_pool_2x2(odd), nnx.max_pool(odd, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+    )

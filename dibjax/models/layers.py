@@ -30,6 +30,79 @@ def batch_norm(num_features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
     )
 
 
+# (N, H, W, C) inputs, (3, 3, C_in, C_out) kernels, (N, H, W, C) outputs: what nnx.Conv passes for 2-D images.
+_NHWC_HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+
+
+def _native_conv3x3(lhs: jax.Array, rhs: jax.Array, precision) -> jax.Array:
+    return jax.lax.conv_general_dilated(lhs, rhs, (1, 1), "SAME", dimension_numbers=_NHWC_HWIO, precision=precision)
+
+
+def _patches(lhs: jax.Array) -> jax.Array:
+    """The nine shifted views of a 'SAME'-padded NHWC batch, as rows of a (N·H·W, 9·C) matrix."""
+    n, h, w, c = lhs.shape
+    padded = jnp.pad(lhs, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    views = [padded[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)]
+    return jnp.concatenate(views, axis=-1).reshape(n * h * w, 9 * c)
+
+
+def _patches_times_kernel(lhs: jax.Array, rhs: jax.Array, precision) -> jax.Array:
+    """A 3×3, stride-1, 'SAME' convolution as one matmul; rows of ``rhs.reshape(9C, C_out)`` follow the patches."""
+    n, h, w, _ = lhs.shape
+    out = jnp.dot(_patches(lhs), rhs.reshape(-1, rhs.shape[-1]), precision=precision)
+    return out.reshape(n, h, w, -1)
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    **kwargs,
+):
+    """``jax.lax.conv_general_dilated`` with a CPU path for 3×3 stride-1 'SAME' convolutions of NHWC images.
+
+    XLA:CPU computes a convolution's gradients several times slower than the same work written as matmuls of the
+    input's 3×3 patches (on 2 cores the small CNN trains at about 360 images/s with the native convolution and about
+    540 with this path). On CPU such a convolution is therefore computed as patches times kernel, the same
+    convolution. Other platforms, and every other convolution, use the native one.
+    """
+
+    def native(lhs, rhs):
+        return jax.lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            precision=precision,
+            **kwargs,
+        )
+
+    same_padding = padding == "SAME" or [tuple(p) for p in padding] == [(1, 1), (1, 1)]
+    simple = (
+        lhs.ndim == 4
+        and rhs.shape[:2] == (3, 3)
+        and tuple(window_strides) == (1, 1)
+        and same_padding
+        and all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
+        and feature_group_count == 1
+        and dimension_numbers == _NHWC_HWIO
+        and not kwargs.get("preferred_element_type")
+    )
+    if not simple:
+        return native(lhs, rhs)
+    return jax.lax.platform_dependent(lhs, rhs, cpu=lambda a, b: _patches_times_kernel(a, b, precision), default=native)
+
+
 def conv3x3(in_features: int, out_features: int, *, stride: int = 1, use_bias: bool, rngs: nnx.Rngs) -> nnx.Conv:
     """A 3×3 convolution with 'SAME' padding."""
     return nnx.Conv(
@@ -40,13 +113,21 @@ def conv3x3(in_features: int, out_features: int, *, stride: int = 1, use_bias: b
         padding="SAME",
         use_bias=use_bias,
         kernel_init=CONV_INIT,
+        conv_general_dilated=conv_general_dilated,
         rngs=rngs,
     )
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """Non-overlapping 2×2 max-pooling of an NHWC batch."""
-    return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+    """Non-overlapping 2×2 max-pooling of an NHWC batch.
+
+    Written as a reshape and a max for even sizes: its gradient is elementwise, where the gradient of
+    ``reduce_window`` (``select_and_scatter``) is several times slower on CPU.
+    """
+    n, h, w, c = x.shape
+    if h % 2 or w % 2:
+        return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+    return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
