@@ -524,6 +524,23 @@ def _prepare_cifar(name: str, data_dir: pathlib.Path, archive_fn: Callable[[], p
     builder.download_and_prepare(file_format="array_record", download_config=config)
 
 
+def _fetch(url: str, destination: pathlib.Path, *, timeout: float, instead: str) -> pathlib.Path:
+    """Downloads ``url`` to ``destination`` + ``.partial`` and returns that path.
+
+    On failure the partial file is removed and a ``ConnectionError`` names the URL, the reason and ``instead``,
+    what to do without network access.
+    """
+    partial = destination.with_name(destination.name + ".partial")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as f:
+            shutil.copyfileobj(response, f, length=1 << 20)
+    except (OSError, http.client.HTTPException) as e:
+        partial.unlink(missing_ok=True)
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        raise ConnectionError(f"downloading {url} failed ({reason}). Without network access here, {instead}") from e
+    return partial
+
+
 def _md5(path: pathlib.Path) -> str:
     md5 = hashlib.md5()
     with open(path, "rb") as f:
@@ -551,14 +568,7 @@ def _cifar_archive(name: str, directory: pathlib.Path, *, timeout: float, downlo
             f"False): {instead}"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    partial = archive.with_name(filename + ".partial")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as f:
-            shutil.copyfileobj(response, f, length=1 << 20)
-    except (OSError, http.client.HTTPException) as e:
-        partial.unlink(missing_ok=True)
-        reason = e.reason if isinstance(e, urllib.error.URLError) else e
-        raise ConnectionError(f"downloading {url} failed ({reason}). Without network access here, {instead}") from e
+    partial = _fetch(url, archive, timeout=timeout, instead=instead)
     digest = _md5(partial)
     if digest != md5:
         partial.unlink()
@@ -832,19 +842,11 @@ def download_gtsrb(directory: str | os.PathLike, *, timeout: float = 60.0) -> pa
     for name, md5 in _GTSRB_ARCHIVES.items():
         archive = directory / name
         if not archive.is_file():
-            url = _GTSRB_URL + name
-            partial = archive.with_name(name + ".partial")
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as f:
-                    shutil.copyfileobj(response, f, length=1 << 20)
-            except (OSError, http.client.HTTPException) as e:
-                partial.unlink(missing_ok=True)
-                reason = e.reason if isinstance(e, urllib.error.URLError) else e
-                raise ConnectionError(
-                    f"downloading {url} failed ({reason}). Without network access here, place the files by hand: "
-                    f"download {', '.join(_GTSRB_ARCHIVES)} from {_GTSRB_URL} elsewhere, put them in {directory} "
-                    "and call download_gtsrb again to unzip them (or unzip them there yourself)"
-                ) from e
+            instead = (
+                f"place the files by hand: download {', '.join(_GTSRB_ARCHIVES)} from {_GTSRB_URL} elsewhere, put "
+                f"them in {directory} and call download_gtsrb again to unzip them (or unzip them there yourself)"
+            )
+            partial = _fetch(_GTSRB_URL + name, archive, timeout=timeout, instead=instead)
             os.replace(partial, archive)
         if md5 is not None:
             digest = _md5(archive)
