@@ -205,10 +205,9 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
     saved_path = workdir / "config.json"
     current = json.loads(config.to_json())
     if saved_path.exists():
-        saved = json.loads(saved_path.read_text())
+        saved_flat, current_flat = _flat(json.loads(saved_path.read_text())), _flat(current)
         differences = {
             ".".join(k): (saved_flat.get(k), current_flat.get(k))
-            for saved_flat, current_flat in [(_flat(saved), _flat(current))]
             for k in set(saved_flat) | set(current_flat)
             if k not in _RESUMABLE_FIELDS and saved_flat.get(k) != current_flat.get(k)
         }
