@@ -367,3 +367,32 @@ def test_max_pool_matches_reduce_window():
     np.testing.assert_array_equal(
         layers.max_pool_2x2(odd), nnx.max_pool(odd, window_shape=(2, 2), strides=(2, 2), padding="VALID")
     )
+
+
+def test_native_convolutions_context_selects_the_native_convolution_when_traced():
+    from dibjax.models import layers
+
+    x = jnp.ones((1, 4, 4, 2), jnp.float32)
+    w = jnp.ones((3, 3, 2, 3), jnp.float32)
+    args = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=layers._NHWC_HWIO)
+    with M.native_convolutions():
+        inside = str(jax.make_jaxpr(lambda w, x: layers.conv_general_dilated(x, w, **args))(w, x))
+    outside = str(jax.make_jaxpr(lambda w, x: layers.conv_general_dilated(x, w, **args))(w, x))
+    assert "platform_index" not in inside and "conv_general_dilated" in inside
+    assert "platform_index" in outside
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_tracks_float32_outputs():
+    fields = dict(name="small_cnn", head="conv", head_width=8)
+    model32 = M.build_model(config(**fields), NUM_CLASSES, rngs())
+    model16 = M.build_model(config(dtype="bfloat16", **fields), NUM_CLASSES, rngs())
+    params32, params16 = nnx.state(model32, nnx.Param), nnx.state(model16, nnx.Param)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params16)} == {jnp.dtype(jnp.float32)}
+    jax.tree.map(np.testing.assert_array_equal, params32, params16)
+    x = images()
+    logits32, logits16 = model32(x), model16(x)
+    assert logits16.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(logits32)))
+    np.testing.assert_allclose(np.asarray(logits16, np.float32), logits32, atol=0.05 * scale)
+    with pytest.raises(ValueError, match="unknown dtype 'float16'"):
+        M.build_model(config(dtype="float16", **fields), NUM_CLASSES, rngs())

@@ -3,11 +3,29 @@
 :func:`build_model` builds any of :data:`MODELS` from a configuration; every model is a :class:`StagedModel`.
 """
 
-from dibjax.models.factory import DEFAULT_WIDTHS, HEADS, MODELS, SPLITS, architecture_for, build_model
-from dibjax.models.layers import BasicBlock, Chain, ConvHead, ConvUnit, LinearHead, adaptive_avg_pool
+from dibjax.models.factory import (
+    COMPUTE_DTYPES,
+    DEFAULT_WIDTHS,
+    HEADS,
+    MODELS,
+    SPLITS,
+    architecture_for,
+    build_model,
+    stage_sizes,
+)
+from dibjax.models.layers import (
+    BasicBlock,
+    Chain,
+    ConvHead,
+    ConvUnit,
+    LinearHead,
+    adaptive_avg_pool,
+    native_convolutions,
+)
 from dibjax.models.staged import StagedModel, count_params, split_evenly
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "DEFAULT_WIDTHS",
     "HEADS",
     "MODELS",
@@ -22,5 +40,7 @@ __all__ = [
     "architecture_for",
     "build_model",
     "count_params",
+    "native_convolutions",
     "split_evenly",
+    "stage_sizes",
 ]

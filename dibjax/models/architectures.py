@@ -35,14 +35,14 @@ class Architecture:
             raise ValueError(f"block sizes {self.block_sizes} do not cover the {len(self.units)} units")
 
 
-def small_cnn(width: int, *, batchnorm: bool, rngs: nnx.Rngs) -> Architecture:
+def small_cnn(width: int, *, batchnorm: bool, dtype=None, rngs: nnx.Rngs) -> Architecture:
     """Four conv 3×3 → BatchNorm → ReLU → max-pool 2×2 units with widths ``w, 2w, 4w, 8w``.
 
     A 32×32 input leaves the last unit as a 2×2 map. Each unit is its own block.
     """
     units, in_features = [], 3
     for i, mult in enumerate((1, 2, 4, 8)):
-        unit = ConvUnit(in_features, mult * width, pool=True, batchnorm=batchnorm, rngs=rngs)
+        unit = ConvUnit(in_features, mult * width, pool=True, batchnorm=batchnorm, dtype=dtype, rngs=rngs)
         units.append(Unit(f"conv{i + 1}+pool", (unit,), mult * width))
         in_features = mult * width
     return Architecture(tuple(units), BLOCK_SIZES["small_cnn"])
@@ -58,7 +58,7 @@ VGG_BLOCKS = {
 VGG_WIDTH_MULTIPLIERS = (1, 2, 4, 8, 8)
 
 
-def vgg(name: str, width: int, *, batchnorm: bool, rngs: nnx.Rngs) -> Architecture:
+def vgg(name: str, width: int, *, batchnorm: bool, dtype=None, rngs: nnx.Rngs) -> Architecture:
     """VGG-11/13/16 (Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image Recognition",
     ICLR 2015, configurations A, B and D) with BatchNorm after every convolution, in the CIFAR form.
 
@@ -72,7 +72,7 @@ def vgg(name: str, width: int, *, batchnorm: bool, rngs: nnx.Rngs) -> Architectu
     for b, (n_convs, mult) in enumerate(zip(VGG_BLOCKS[name], VGG_WIDTH_MULTIPLIERS, strict=True)):
         for c in range(n_convs):
             pool = c == n_convs - 1
-            unit = ConvUnit(in_features, mult * width, pool=pool, batchnorm=batchnorm, rngs=rngs)
+            unit = ConvUnit(in_features, mult * width, pool=pool, batchnorm=batchnorm, dtype=dtype, rngs=rngs)
             units.append(Unit(f"conv{b + 1}_{c + 1}" + ("+pool" if pool else ""), (unit,), mult * width))
             in_features = mult * width
     return Architecture(tuple(units), BLOCK_SIZES[name])
@@ -88,7 +88,7 @@ RESNET_LAYOUTS = {
 }
 
 
-def resnet(name: str, width: int, *, batchnorm: bool, rngs: nnx.Rngs) -> Architecture:
+def resnet(name: str, width: int, *, batchnorm: bool, dtype=None, rngs: nnx.Rngs) -> Architecture:
     """Residual networks of He et al., "Deep Residual Learning for Image Recognition", CVPR 2016.
 
     ``resnet20``/``resnet32``/``resnet56`` are the CIFAR-10 networks of Section 4.2: a 3×3 stem convolution with
@@ -104,14 +104,14 @@ def resnet(name: str, width: int, *, batchnorm: bool, rngs: nnx.Rngs) -> Archite
     first unit.
     """
     blocks_per_group, shortcut = RESNET_LAYOUTS[name]
-    stem = ConvUnit(3, width, pool=False, batchnorm=batchnorm, rngs=rngs)
+    stem = ConvUnit(3, width, pool=False, batchnorm=batchnorm, dtype=dtype, rngs=rngs)
     units, in_features = [], width
     for g, n_blocks in enumerate(blocks_per_group):
         out_features = width * 2**g
         for b in range(n_blocks):
             stride = 2 if g > 0 and b == 0 else 1
             block = BasicBlock(
-                in_features, out_features, stride=stride, shortcut=shortcut, batchnorm=batchnorm, rngs=rngs
+                in_features, out_features, stride=stride, shortcut=shortcut, batchnorm=batchnorm, dtype=dtype, rngs=rngs
             )
             label = f"block{g + 1}_{b + 1}"
             if not units:

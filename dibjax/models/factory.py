@@ -6,6 +6,7 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 from flax import nnx
 
 from dibjax.models import architectures
@@ -15,6 +16,8 @@ from dibjax.models.staged import StagedModel, split_evenly
 MODELS = ("small_cnn", "vgg11", "vgg13", "vgg16", "resnet18", "resnet20", "resnet32", "resnet56")
 SPLITS = ("layer", "block", "groups")
 HEADS = ("linear", "conv")
+# Dtypes the layers may compute in; the parameters are float32 whatever this is.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # Base widths of the published networks; the small CNN's 32 gives widths 32/64/128/256.
 DEFAULT_WIDTHS = {
@@ -38,6 +41,7 @@ DEFAULTS = {
     "batchnorm": True,
     "head_width": 128,
     "head_hidden": 0,
+    "dtype": "float32",
 }
 
 
@@ -62,14 +66,31 @@ def _check_int(field: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def architecture_for(name: str, width: int, *, batchnorm: bool, rngs: nnx.Rngs) -> architectures.Architecture:
+def architecture_for(
+    name: str, width: int, *, batchnorm: bool, dtype=None, rngs: nnx.Rngs
+) -> architectures.Architecture:
     """The units and blocks of the network called ``name`` (one of :data:`MODELS`)."""
     _check_choice("model name", name, MODELS)
     if name == "small_cnn":
-        return architectures.small_cnn(width, batchnorm=batchnorm, rngs=rngs)
+        return architectures.small_cnn(width, batchnorm=batchnorm, dtype=dtype, rngs=rngs)
     if name.startswith("vgg"):
-        return architectures.vgg(name, width, batchnorm=batchnorm, rngs=rngs)
-    return architectures.resnet(name, width, batchnorm=batchnorm, rngs=rngs)
+        return architectures.vgg(name, width, batchnorm=batchnorm, dtype=dtype, rngs=rngs)
+    return architectures.resnet(name, width, batchnorm=batchnorm, dtype=dtype, rngs=rngs)
+
+
+def stage_sizes(config: Any) -> tuple[int, ...]:
+    """The number of architectural units in each stage of the model ``config`` describes (no model is built)."""
+    name = _check_choice("model name", _field(config, "name"), MODELS)
+    split = _check_choice("split", _field(config, "split"), SPLITS)
+    num_units = architectures.NUM_UNITS[name]
+    if split == "layer":
+        return (1,) * num_units
+    if split == "block":
+        return architectures.BLOCK_SIZES[name]
+    num_groups = _field(config, "num_groups")
+    if num_groups is None:
+        raise ValueError(f"split='groups' needs num_groups, an int between 1 and {num_units} for {name}")
+    return split_evenly(num_units, num_groups)
 
 
 def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedModel:
@@ -97,6 +118,11 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
         - ``batchnorm`` (``True``): ``False`` builds the same network, heads included, with no normalisation
           layers and with biases on the convolutions.
         - ``head_width`` (128) and ``head_hidden`` (0): sizes of the ``"conv"`` head.
+        - ``dtype`` (``"float32"``): the dtype the layers compute in, one of :data:`COMPUTE_DTYPES`. With
+          ``"bfloat16"`` (mixed precision) convolutions and matmuls take bfloat16 operands and accumulate in
+          float32, while the parameters, BatchNorm's statistics and the optimizer stay float32; stage outputs and
+          logits are then bfloat16, so cast them to float32 before a loss or an entropy. Accelerators (TPU, recent
+          GPUs) and CPUs with AMX or AVX-512 BF16 units run such matmuls several times faster.
       num_classes: the number of classes, the size of every head's output.
       rngs: the random streams for initialisation, or an int seed.
 
@@ -107,7 +133,7 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
       ValueError: a field has a value outside those accepted; the message names the value and the accepted ones.
     """
     name = _check_choice("model name", _field(config, "name"), MODELS)
-    split = _check_choice("split", _field(config, "split"), SPLITS)
+    _check_choice("split", _field(config, "split"), SPLITS)
     head = _check_choice("head", _field(config, "head"), HEADS)
     width = _field(config, "width")
     width = _check_int("width", DEFAULT_WIDTHS[name] if width is None else width, 1)
@@ -116,23 +142,15 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
         raise ValueError(f"batchnorm must be True or False, got {batchnorm!r}")
     head_width = _check_int("head_width", _field(config, "head_width"), 1)
     head_hidden = _check_int("head_hidden", _field(config, "head_hidden"), 0)
+    dtype = jnp.dtype(_check_choice("dtype", _field(config, "dtype"), COMPUTE_DTYPES))
     num_classes = _check_int("num_classes", num_classes, 1)
     if isinstance(rngs, int):
         rngs = nnx.Rngs(rngs)
 
     # The stage sizes are checked before any parameter is initialised, which is slow for the full-size networks.
-    num_units = architectures.NUM_UNITS[name]
-    if split == "layer":
-        sizes = (1,) * num_units
-    elif split == "block":
-        sizes = architectures.BLOCK_SIZES[name]
-    else:
-        num_groups = _field(config, "num_groups")
-        if num_groups is None:
-            raise ValueError(f"split='groups' needs num_groups, an int between 1 and {num_units} for {name}")
-        sizes = split_evenly(num_units, num_groups)
+    sizes = stage_sizes(config)
 
-    arch = architecture_for(name, width, batchnorm=batchnorm, rngs=rngs)
+    arch = architecture_for(name, width, batchnorm=batchnorm, dtype=dtype, rngs=rngs)
 
     stages, heads, stage_units, start = [], [], [], 0
     for size in sizes:
@@ -142,11 +160,17 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
         stage_units.append(tuple(unit.name for unit in units))
         out_features = units[-1].out_features
         if head == "linear":
-            heads.append(LinearHead(out_features, num_classes, rngs=rngs))
+            heads.append(LinearHead(out_features, num_classes, dtype=dtype, rngs=rngs))
         else:
             heads.append(
                 ConvHead(
-                    out_features, num_classes, width=head_width, hidden=head_hidden, batchnorm=batchnorm, rngs=rngs
+                    out_features,
+                    num_classes,
+                    width=head_width,
+                    hidden=head_hidden,
+                    batchnorm=batchnorm,
+                    dtype=dtype,
+                    rngs=rngs,
                 )
             )
     return StagedModel(stages, heads, stage_units=stage_units)
