@@ -71,7 +71,7 @@ def dibjax_step(config, info, steps_per_epoch):
     state = {"value": jax.device_put(trainer.initial_state, trainer.replicated)}
 
     def run(batch, i):
-        state["value"], metrics = trainer.train_step(state["value"], trainer.shard(batch))
+        state["value"], metrics = trainer.train_steps[0](state["value"], trainer.shard(batch))
         return metrics["loss_sum"]
 
     return run

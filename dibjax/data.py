@@ -232,9 +232,14 @@ def load(config: Any) -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
             * ``download`` (optional, default True): for ``tfds``, whether a data set that is
               not prepared in the data folder may be downloaded (see :func:`download_cifar`).
               With False, only an archive already placed there is converted.
+            * ``validation_size`` (optional, None or 0 for none): hold out this many training
+              images (a fixed seed-0 shuffle, the same for every run) and return them in place of
+              the test split, for choosing hyper-parameters without looking at the test set.
+              Applied before ``train_limit``/``test_limit``.
 
     Returns:
-        ``(train, test, info)``, where ``info.image_shape`` is the shape actually loaded.
+        ``(train, test, info)``, where ``info.image_shape`` is the shape actually loaded (with a
+        validation split, ``test`` is the held-out part of the training data).
 
     Raises:
         ValueError: for an unknown name or source, or a combination the source cannot
@@ -266,12 +271,21 @@ def load(config: Any) -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
     directory = pathlib.Path(directory).expanduser() if directory is not None else None
     info = DATASETS[name]
 
+    validation_size = _limit(config, "validation_size")
+    if validation_size is not None:
+        # The limits then apply to the two parts of the training data, after the split.
+        limits, train_limit, test_limit = (train_limit, test_limit), None, None
     if source == "npz":
         train, test = _load_npz(directory, info.num_classes, train_limit, test_limit)
     elif source == "tfds":
         train, test = _load_tfds(name, directory, info.num_classes, train_limit, test_limit, download=download)
     else:
         train, test = _load_gtsrb(directory, image_size or 32, train_limit, test_limit)
+    if validation_size is not None:
+        train, test = split_validation(train, validation_size)
+        train, test = (
+            _take(part, _subset_indices(len(part), limit)) for part, limit in zip((train, test), limits, strict=True)
+        )
 
     shape = train.images.shape[1:]
     if test.images.shape[1:] != shape:
@@ -282,6 +296,22 @@ def load(config: Any) -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
             "only the gtsrb source resizes"
         )
     return train, test, dataclasses.replace(info, image_shape=tuple(int(s) for s in shape))
+
+
+def _take(dataset: ArrayDataset, indices: np.ndarray | None) -> ArrayDataset:
+    if indices is None:
+        return dataset
+    return ArrayDataset(dataset.images[indices], dataset.labels[indices])
+
+
+def split_validation(train: ArrayDataset, size: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """Splits ``size`` images off a training set, chosen by a fixed (seed 0) shuffle: ``(rest, held_out)``."""
+    if not 0 < size < len(train):
+        raise ValueError(
+            f"validation_size={size} must be between 1 and {len(train) - 1} (the training set has {len(train)})"
+        )
+    order = np.random.default_rng(0).permutation(len(train))
+    return _take(train, np.sort(order[size:])), _take(train, np.sort(order[:size]))
 
 
 # --------------------------------------------------------------------------- npz

@@ -1,27 +1,33 @@
-"""End-to-end training loop: ``train_and_evaluate(config, workdir)``.
+"""The training loop: ``train_and_evaluate(config, workdir)``.
 
-The whole network is trained by backpropagation (the SGD baseline). The loop is written
-on a functional training state (parameters, BatchNorm statistics, optimizer state, step)
-so that it can be checkpointed with orbax and sharded: the batch is split over a 1-D
-device mesh with axis ``"data"`` and the state is replicated, so the same code runs on one
-CPU, a TPU slice or several GPUs.
+``config.schedule`` says how the stages are trained (:mod:`dibjax.schedule`: ``sequential`` greedy layer-wise,
+``simultaneous`` decoupled, or ``end_to_end`` backpropagation) and ``config.objective`` with what per-stage loss
+(:mod:`dibjax.objectives`). The loop is written on a functional training state (per-stage parameters, BatchNorm
+statistics, one optimizer state per parameter group, step) so that it can be checkpointed with orbax and sharded:
+the batch is split over a 1-D device mesh with axis ``"data"`` and the state is replicated, so the same code runs
+on one CPU, a TPU slice or several GPUs.
 
 Files written in ``workdir``:
 
 * ``config.json``: the run's configuration; a later run in the same folder must match it
   (``config.train.overwrite=True`` starts over instead).
-* ``metrics.jsonl``: one JSON record per epoch (``stage``, ``epoch``, ``train_loss``,
-  ``train_accuracy``, ``test_loss``, ``test_accuracy``, ``images_per_second``, ``seconds``,
-  ``learning_rate``).
+* ``metrics.jsonl``: one JSON record per epoch and trained stage: ``stage`` (``null`` end to end), ``epoch``
+  (counted over the whole run), ``phase_epoch`` (within the stage's phase), ``train_loss``, ``train_accuracy`` (of
+  the stage's head on the training batches), ``test_loss``, ``test_accuracy`` (of the network up to that stage with
+  its head), ``images_per_second``, ``seconds``, ``learning_rate``, ``grad_norm`` (mean over the epoch's steps of the
+  norm of the gradient of the stage's parameters; end to end, ``grad_norms`` lists every stage's) and every term of
+  the objective averaged over the epoch (``ce``, ``H_T``, ``I_XT``, ``I_TY``, ...).
 * ``checkpoints/``: orbax checkpoints after every epoch; rerunning the same command resumes
-  from the latest and continues exactly as an uninterrupted run would.
-* ``summary.json``: ``test_accuracy``, ``wall_seconds``, ``train_step_peak_bytes`` (XLA's
-  memory analysis of the compiled training step) and the run's shape.
+  from the latest and continues exactly as an uninterrupted run would, inside any stage.
+* ``summary.json``: ``test_accuracy`` (the classifier: the last stage with its head), ``stage_accuracies`` (every
+  head's final test accuracy, for layer-wise schedules), ``wall_seconds``, ``train_step_peak_bytes`` (XLA's memory
+  analysis of the compiled training step; the largest over the phases, each listed in ``phase_peak_bytes``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import shutil
@@ -38,7 +44,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dibjax import data, models
+from dibjax import data, models, objectives, schedule
 
 # Fields that do not change what a run computes, so resuming may differ in them.
 _RESUMABLE_FIELDS = {("train", "overwrite"), ("train", "progress"), ("train", "log_every_steps")}
@@ -48,20 +54,28 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss becomes NaN or Inf; the last good checkpoint is kept."""
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+def learning_rate_schedule(
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    num_epochs: int | None = None,
+    learning_rate: float | None = None,
+) -> optax.Schedule:
+    """The learning rate over ``num_epochs`` (default ``config.train.num_epochs``) of ``steps_per_epoch`` steps."""
     opt = config.optimizer
-    total = config.train.num_epochs * steps_per_epoch
+    num_epochs = config.train.num_epochs if num_epochs is None else num_epochs
+    peak = opt.learning_rate if learning_rate is None else learning_rate
+    total = num_epochs * steps_per_epoch
     warmup = int(opt.warmup_epochs * steps_per_epoch)
     if opt.schedule == "cosine":
-        main = optax.cosine_decay_schedule(opt.learning_rate, max(total - warmup, 1))
+        main = optax.cosine_decay_schedule(peak, max(total - warmup, 1))
     elif opt.schedule == "multistep":
         boundaries = {int(f * total) - warmup: opt.decay_factor for f in opt.milestones}
-        main = optax.piecewise_constant_schedule(opt.learning_rate, boundaries)
+        main = optax.piecewise_constant_schedule(peak, boundaries)
     else:
         raise ValueError(f"unknown optimizer.schedule {opt.schedule!r}; accepted: 'cosine', 'multistep'")
     if warmup == 0:
         return main
-    return optax.join_schedules([optax.linear_schedule(0.0, opt.learning_rate, warmup), main], [warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -74,16 +88,37 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) 
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-    num_classes = logits.shape[-1]
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) if label_smoothing else None
-    if targets is None:
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return optax.softmax_cross_entropy(logits, targets)
+    """Per-sample cross-entropy in float32 (bfloat16 logits would round the log-softmax to 3 digits)."""
+    return objectives.cross_entropy(logits, labels, label_smoothing)
+
+
+def stage_epochs(config: ml_collections.ConfigDict, num_stages: int) -> int | tuple[int, ...]:
+    """Epochs per phase: ``train.stage_epochs`` for a sequential run when given, else ``train.num_epochs``."""
+    given = tuple(config.train.get("stage_epochs", ()) or ())
+    if not given:
+        return config.train.num_epochs
+    if config.schedule != "sequential":
+        raise ValueError(f"train.stage_epochs={given} is only read by the sequential schedule, not {config.schedule!r}")
+    if len(given) != num_stages:
+        raise ValueError(f"train.stage_epochs={given} has {len(given)} entries; the model has {num_stages} stages")
+    return given
+
+
+def _stage_learning_rates(config: ml_collections.ConfigDict, num_groups: int) -> tuple[float, ...]:
+    given = tuple(config.optimizer.get("stage_learning_rates", ()) or ())
+    if not given:
+        return (config.optimizer.learning_rate,) * num_groups
+    if len(given) != num_groups:
+        raise ValueError(
+            f"optimizer.stage_learning_rates={given} has {len(given)} entries; this run has {num_groups} "
+            "parameter groups (one per stage, or one for end_to_end)"
+        )
+    return given
 
 
 @dataclasses.dataclass
 class Trainer:
-    """Compiled train and eval steps for one model and configuration."""
+    """Compiled train and eval steps, one per phase of the schedule, for one model and configuration."""
 
     config: ml_collections.ConfigDict
     info: data.DatasetInfo
@@ -92,17 +127,31 @@ class Trainer:
     def __post_init__(self):
         config = self.config
         model = models.build_model(_model_config(config.model), self.info.num_classes, nnx.Rngs(config.seed))
-        model.train()
-        self.train_graphdef, params, extra = nnx.split(model, nnx.Param, ...)
-        model.eval()
-        self.eval_graphdef = nnx.graphdef(model)
-        self.schedule = learning_rate_schedule(config, self.steps_per_epoch)
-        self.optimizer = make_optimizer(config, self.schedule)
+        self.net = schedule.StagedNetwork(model)
+        num_stages = self.net.num_stages
+        self.objective = objectives.from_config(config.objective, config.train.label_smoothing)
+        self.phases = schedule.make_phases(config.schedule, num_stages, stage_epochs(config, num_stages))
+        groups = schedule.num_groups(config.schedule, num_stages)
+        rates = _stage_learning_rates(config, groups)
+        # Group g's optimizer runs over the epochs of the phase that trains it.
+        if config.schedule == "sequential":
+            group_epochs = [phase.num_epochs for phase in self.phases]
+        else:
+            group_epochs = [self.phases[0].num_epochs] * groups
+        self.schedules = [
+            learning_rate_schedule(config, self.steps_per_epoch, group_epochs[g], rates[g]) for g in range(groups)
+        ]
+        self.optimizers = [make_optimizer(config, s) for s in self.schedules]
+        params, extra = self.net.initial_params, self.net.initial_extra
+        opt_state = [
+            self.optimizers[g].init(schedule._select(params, *schedule.group_members(config.schedule, num_stages, g)))
+            for g in range(groups)
+        ]
         self.initial_state = {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
             "extra": extra,
-            "opt_state": self.optimizer.init(params),
+            "opt_state": opt_state,
             "key": jax.random.key_data(jax.random.key(config.seed + 1)),
             # Index of the first step whose loss was not finite, or -1.
             "nonfinite_step": -jnp.ones((), jnp.int32),
@@ -110,54 +159,34 @@ class Trainer:
         self.mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
-        self.train_step = jax.jit(self._train_step, donate_argnums=0)
-        self.eval_step = jax.jit(self._eval_step)
+        self.train_steps = [
+            jax.jit(functools.partial(self._train_step, phase), donate_argnums=0) for phase in self.phases
+        ]
+        self.eval_steps = [
+            jax.jit(functools.partial(self._eval_step, schedule.evaluated_heads(phase, num_stages)))
+            for phase in self.phases
+        ]
 
-    def _train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+    @property
+    def num_stages(self) -> int:
+        return self.net.num_stages
+
+    def _train_step(self, phase: schedule.Phase, state: dict, batch: dict) -> tuple[dict, dict]:
         config = self.config
         key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
         images = data.augment(batch["image"], key, crop_padding=config.data.crop_padding, flip=self.info.flip)
         images = data.normalize(images, self.info)
+        return schedule.train_step(self.net, self.objective, self.optimizers, phase, state, images, batch["label"])
 
-        def loss_fn(params, extra):
-            model = nnx.merge(self.train_graphdef, params, extra, copy=True)
-            logits = model(images)
-            loss = jnp.mean(cross_entropy(logits, batch["label"], config.train.label_smoothing))
-            return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
-
-        (loss, (logits, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], state["extra"])
-        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        finite = jnp.isfinite(loss)
-        # A non-finite step leaves the state as it was, so the run stops on the last good one.
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new_state = {
-            "step": state["step"] + 1,
-            "params": keep(params, state["params"]),
-            "extra": keep(extra, state["extra"]),
-            "opt_state": keep(opt_state, state["opt_state"]),
-            "key": state["key"],
-            "nonfinite_step": jnp.where(
-                (state["nonfinite_step"] < 0) & ~finite, state["step"], state["nonfinite_step"]
-            ),
-        }
-        metrics = {
-            "loss_sum": loss * labels_count(batch),
-            "correct": jnp.sum(jnp.argmax(logits, -1) == batch["label"]),
-            "count": labels_count(batch),
-        }
-        return new_state, metrics
-
-    def _eval_step(self, state: dict, batch: dict) -> dict:
-        model = nnx.merge(self.eval_graphdef, state["params"], state["extra"], copy=True)
-        logits = model(data.normalize(batch["image"], self.info))
+    def _eval_step(self, heads: tuple[int, ...], state: dict, batch: dict) -> dict:
+        logits = schedule.eval_logits(self.net, state, data.normalize(batch["image"], self.info), heads)
         mask = batch["mask"]
-        losses = cross_entropy(logits, batch["label"], 0.0)
-        return {
-            "loss_sum": jnp.sum(jnp.where(mask, losses, 0)),
-            "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) & mask),
-            "count": jnp.sum(mask),
-        }
+        out = {"count": jnp.sum(mask)}
+        for k, head_logits in logits.items():
+            losses = cross_entropy(head_logits, batch["label"], 0.0)
+            out[f"loss_sum/{k}"] = jnp.sum(jnp.where(mask, losses, 0))
+            out[f"correct/{k}"] = jnp.sum((jnp.argmax(head_logits, -1) == batch["label"]) & mask)
+        return out
 
     def shard(self, batch: dict) -> dict:
         return jax.device_put(batch, self.batch_sharding)
@@ -177,10 +206,6 @@ class Trainer:
             + analysis.temp_size_in_bytes
             - analysis.alias_size_in_bytes
         )
-
-
-def labels_count(batch: dict) -> jax.Array:
-    return jnp.asarray(batch["label"].shape[0], jnp.float32)
 
 
 def _model_config(model_config: ml_collections.ConfigDict) -> dict:
@@ -229,19 +254,34 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Refuses unknown names before any data is read or any model is built."""
-    for field, accepted in (("name", models.MODELS), ("split", models.SPLITS), ("head", models.HEADS)):
-        value = config.model[field]
+    """Refuses unknown names and impossible settings before any data is read or any model is built."""
+    for field, accepted in (
+        ("name", models.MODELS),
+        ("split", models.SPLITS),
+        ("head", models.HEADS),
+        ("dtype", models.COMPUTE_DTYPES),
+    ):
+        value = config.model.get(field, "float32" if field == "dtype" else None)
         if value not in accepted:
             raise ValueError(f"unknown model.{field} {value!r}; accepted: {', '.join(accepted)}")
     if config.data.name not in data.DATASETS:
         raise ValueError(f"unknown data.name {config.data.name!r}; accepted: {', '.join(data.DATASETS)}")
     if config.data.source not in data.SOURCES:
         raise ValueError(f"unknown data.source {config.data.source!r}; accepted: {', '.join(data.SOURCES)}")
-    if config.schedule != "end_to_end":
-        raise ValueError(f"unknown schedule {config.schedule!r}; accepted: 'end_to_end'")
+    if config.schedule not in schedule.SCHEDULES:
+        raise ValueError(f"unknown schedule {config.schedule!r}; accepted: {', '.join(schedule.SCHEDULES)}")
     if config.optimizer.schedule not in ("cosine", "multistep"):
         raise ValueError(f"unknown optimizer.schedule {config.optimizer.schedule!r}; accepted: 'cosine', 'multistep'")
+    objective = objectives.from_config(config.objective, config.train.label_smoothing)
+    num_stages = len(models.stage_sizes(_model_config(config.model)))
+    schedule.make_phases(config.schedule, num_stages, stage_epochs(config, num_stages))
+    _stage_learning_rates(config, schedule.num_groups(config.schedule, num_stages))
+    minimum = objectives.minimum_batch_size(objective)
+    if config.train.batch_size < minimum:
+        raise ValueError(
+            f"train.batch_size={config.train.batch_size} is too small for the {config.objective.name!r} objective's "
+            f"estimators, which need at least {minimum} samples per batch"
+        )
 
 
 def _check_batch_sizes(config: ml_collections.ConfigDict, train_size: int) -> None:
@@ -259,17 +299,57 @@ def _check_batch_sizes(config: ml_collections.ConfigDict, train_size: int) -> No
         )
 
 
-def evaluate(trainer: Trainer, state: dict, dataset: data.ArrayDataset, batch_size: int) -> dict:
+def evaluate(trainer: Trainer, phase_index: int, state: dict, dataset: data.ArrayDataset, batch_size: int) -> dict:
+    """Test loss and accuracy of the heads the phase reports on, ``{head: {"loss": .., "accuracy": ..}}``."""
     totals = None
     for batch in data.eval_batches(dataset, batch_size):
-        metrics = trainer.eval_step(state, trainer.shard(batch))
+        metrics = trainer.eval_steps[phase_index](state, trainer.shard(batch))
         totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
     totals = jax.device_get(totals)
-    return {"loss": float(totals["loss_sum"] / totals["count"]), "accuracy": float(totals["correct"] / totals["count"])}
+    heads = schedule.evaluated_heads(trainer.phases[phase_index], trainer.num_stages)
+    return {
+        k: {
+            "loss": float(totals[f"loss_sum/{k}"] / totals["count"]),
+            "accuracy": float(totals[f"correct/{k}"] / totals["count"]),
+        }
+        for k in heads
+    }
+
+
+def _epoch_records(
+    trainer: Trainer, phase: schedule.Phase, epoch: int, phase_epoch: int, totals: dict, steps: int, test: dict
+) -> list[dict]:
+    """The metrics.jsonl records of one epoch: one per stage the phase trains (one with stage None end to end)."""
+    num_stages = trainer.num_stages
+    seconds, train_seconds, step_in_phase = totals.pop("_seconds"), totals.pop("_train_seconds"), totals.pop("_steps")
+    terms = [name for name in totals if name not in ("loss", "correct", "count", "grad_norm")]
+    records = []
+    for k in schedule.evaluated_heads(phase, num_stages):
+        group = 0 if phase.schedule == "end_to_end" else k  # the optimizer of the stage's parameter group
+        record = {
+            "stage": None if phase.schedule == "end_to_end" else k,
+            "epoch": epoch,
+            "phase_epoch": phase_epoch,
+            "train_loss": float(totals["loss"][k] / steps),
+            "train_accuracy": float(totals["correct"][k] / totals["count"]),
+            "test_loss": test[k]["loss"],
+            "test_accuracy": test[k]["accuracy"],
+            "images_per_second": float(totals["count"] / train_seconds),
+            "seconds": seconds,
+            "learning_rate": float(trainer.schedules[group](step_in_phase - 1)),
+        }
+        if phase.schedule == "end_to_end":
+            record["grad_norms"] = [float(v / steps) for v in totals["grad_norm"]]
+        else:
+            record["grad_norm"] = float(totals["grad_norm"][k] / steps)
+        for name in terms:
+            record[name] = float(totals[name][k] / steps)
+        records.append(record)
+    return records
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Trains end to end as ``config`` says, evaluating every epoch; returns the summary."""
+    """Trains as ``config`` says (its schedule's phases in order), evaluating every epoch; returns the summary."""
     start = time.perf_counter()
     workdir = pathlib.Path(workdir).absolute()
     check_config(config)
@@ -290,11 +370,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = manager.restore(first_epoch, args=ocp.args.StandardRestore(abstract))
 
-    sample_batch = trainer.shard(next(data.train_batches(train_ds, config.train.batch_size, seed=config.seed, epoch=0)))
-    # Compiled once ahead of time: the executable gives XLA's memory analysis and runs every step.
-    train_step = trainer.train_step.lower(state, sample_batch).compile()
-    peak_bytes = trainer.peak_memory_bytes(train_step)
-
     metrics_path = workdir / "metrics.jsonl"
     records = []
     if metrics_path.exists():
@@ -302,78 +377,104 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         records = [r for r in records if r["epoch"] < first_epoch]
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
+    sample_batch = trainer.shard(next(data.train_batches(train_ds, config.train.batch_size, seed=config.seed, epoch=0)))
+    total_epochs = sum(phase.num_epochs for phase in trainer.phases)
+    peak_bytes: list[int | None] = []
+    epoch = 0
     try:
-        for epoch in range(first_epoch, config.train.num_epochs):
-            epoch_start = time.perf_counter()
-            totals = None
-            bar = tqdm.tqdm(
-                data.train_batches(train_ds, config.train.batch_size, seed=config.seed, epoch=epoch),
-                total=steps,
-                desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
-                disable=not config.train.progress,
-                leave=False,
-            )
-            for i, batch in enumerate(bar):
-                state, metrics = train_step(state, trainer.shard(batch))
-                totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
-                if (i + 1) % config.train.log_every_steps == 0 or i + 1 == steps:
-                    host = jax.device_get(totals)
-                    _stop_if_nonfinite(state, epoch, steps)
-                    seen = host["count"]
-                    bar.set_postfix(
-                        loss=f"{host['loss_sum'] / seen:.4f}",
-                        acc=f"{host['correct'] / seen:.4f}",
-                        img_s=f"{seen / (time.perf_counter() - epoch_start):.0f}",
+        for phase_index, phase in enumerate(trainer.phases):
+            # Compiled once ahead of time: the executable gives XLA's memory analysis and runs every step.
+            train_step = trainer.train_steps[phase_index].lower(state, sample_batch).compile()
+            peak_bytes.append(trainer.peak_memory_bytes(train_step))
+            for phase_epoch in range(phase.num_epochs):
+                if epoch < first_epoch:
+                    epoch += 1
+                    continue
+                epoch_start = time.perf_counter()
+                totals = None
+                bar = tqdm.tqdm(
+                    data.train_batches(train_ds, config.train.batch_size, seed=config.seed, epoch=epoch),
+                    total=steps,
+                    desc=f"{phase.name} epoch {phase_epoch + 1}/{phase.num_epochs}",
+                    disable=not config.train.progress,
+                    leave=False,
+                )
+                head = schedule.evaluated_heads(phase, trainer.num_stages)[-1]
+                for i, batch in enumerate(bar):
+                    state, metrics = train_step(state, trainer.shard(batch))
+                    totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+                    if (i + 1) % config.train.log_every_steps == 0 or i + 1 == steps:
+                        host = jax.device_get(totals)
+                        _stop_if_nonfinite(state, phase, phase_epoch, epoch, steps)
+                        bar.set_postfix(
+                            loss=f"{host['loss'][head] / (i + 1):.4f}",
+                            acc=f"{host['correct'][head] / host['count']:.4f}",
+                            img_s=f"{host['count'] / (time.perf_counter() - epoch_start):.0f}",
+                        )
+                bar.close()
+                host = jax.device_get(totals)
+                _stop_if_nonfinite(state, phase, phase_epoch, epoch, steps)
+                host["_train_seconds"] = time.perf_counter() - epoch_start
+                test = evaluate(trainer, phase_index, state, test_ds, config.train.eval_batch_size)
+                host["_seconds"] = time.perf_counter() - epoch_start
+                host["_steps"] = (phase_epoch + 1) * steps
+                epoch_records = _epoch_records(trainer, phase, epoch, phase_epoch, host, steps, test)
+                records.extend(epoch_records)
+                with metrics_path.open("a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in epoch_records)
+                for r in epoch_records:
+                    where = "" if r["stage"] is None else f"stage {r['stage']} "
+                    print(
+                        f"{where}epoch {epoch + 1}/{total_epochs}: train loss {r['train_loss']:.4f} "
+                        f"acc {r['train_accuracy']:.4f} | test loss {r['test_loss']:.4f} "
+                        f"acc {r['test_accuracy']:.4f} | {r['images_per_second']:.0f} img/s"
                     )
-            bar.close()
-            host = jax.device_get(totals)
-            _stop_if_nonfinite(state, epoch, steps)
-            train_seconds = time.perf_counter() - epoch_start
-            test = evaluate(trainer, state, test_ds, config.train.eval_batch_size)
-            record = {
-                "stage": None,
-                "epoch": epoch,
-                "train_loss": float(host["loss_sum"] / host["count"]),
-                "train_accuracy": float(host["correct"] / host["count"]),
-                "test_loss": test["loss"],
-                "test_accuracy": test["accuracy"],
-                "images_per_second": float(host["count"] / train_seconds),
-                "seconds": time.perf_counter() - epoch_start,
-                "learning_rate": float(trainer.schedule(int(state["step"]) - 1)),
-            }
-            records.append(record)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(
-                f"epoch {epoch + 1}/{config.train.num_epochs}: train loss {record['train_loss']:.4f} "
-                f"acc {record['train_accuracy']:.4f} | test loss {record['test_loss']:.4f} "
-                f"acc {record['test_accuracy']:.4f} | {record['images_per_second']:.0f} img/s"
-            )
-            if config.train.checkpoint:
-                manager.save(epoch + 1, args=ocp.args.StandardSave(state))
+                epoch += 1
+                if config.train.checkpoint:
+                    manager.save(epoch, args=ocp.args.StandardSave(state))
     finally:
         # Finish writing the last good checkpoint even when the run stops on an error.
         manager.wait_until_finished()
         manager.close()
 
-    final = records[-1] if records else evaluate(trainer, state, test_ds, config.train.eval_batch_size)
-    summary = {
-        "test_accuracy": final["test_accuracy"],
-        "stage_accuracies": None,
-        "wall_seconds": time.perf_counter() - start,
-        "train_step_peak_bytes": peak_bytes,
-        "num_epochs": config.train.num_epochs,
-        "devices": [str(d) for d in jax.devices()],
-    }
+    summary = _summary(trainer, records)
+    summary.update(
+        {
+            "wall_seconds": time.perf_counter() - start,
+            "train_step_peak_bytes": max((b for b in peak_bytes if b is not None), default=None),
+            "phase_peak_bytes": peak_bytes,
+            "num_epochs": total_epochs,
+            "devices": [str(d) for d in jax.devices()],
+        }
+    )
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _stop_if_nonfinite(state: dict, epoch: int, steps_per_epoch: int) -> None:
+def _summary(trainer: Trainer, records: list[dict]) -> dict[str, Any]:
+    """Final test accuracy of the classifier (the last stage's head) and, for layer-wise runs, of every head."""
+    last = trainer.num_stages - 1
+    by_stage: dict[int | None, dict] = {}
+    for r in records:
+        by_stage[r["stage"]] = r  # the latest record of each stage
+    schedule_name = trainer.config.schedule
+    final = by_stage[None] if schedule_name == "end_to_end" else by_stage[last]
+    stage_accuracies = None
+    if schedule_name != "end_to_end":
+        stage_accuracies = [by_stage[k]["test_accuracy"] for k in range(trainer.num_stages)]
+    return {
+        "test_accuracy": final["test_accuracy"],
+        "stage_accuracies": stage_accuracies,
+        "schedule": schedule_name,
+        "objective": trainer.config.objective.name,
+    }
+
+
+def _stop_if_nonfinite(state: dict, phase: schedule.Phase, phase_epoch: int, epoch: int, steps_per_epoch: int):
     bad_step = int(state["nonfinite_step"])
     if bad_step >= 0:
         raise NonFiniteLossError(
-            f"the training loss became NaN/Inf at stage end_to_end, epoch {epoch + 1}, "
+            f"the training loss became NaN/Inf at {phase.name}, epoch {phase_epoch + 1}, "
             f"step {bad_step - epoch * steps_per_epoch + 1} of that epoch (global step {bad_step + 1}); "
             "the state was not updated from that step on and the last good checkpoint is kept"
         )

@@ -98,6 +98,22 @@ def test_npz_limits_take_a_fixed_shuffle(tmp_path):
     assert len(np.unique(train.labels)) > 5
 
 
+def test_validation_split_is_held_out_of_train_and_replaces_test(tmp_path):
+    train_images, _ = _write_npz(tmp_path / "train.npz", 40)
+    _write_npz(tmp_path / "test.npz", 20)
+    train, validation, _ = data.load(_config(dir=str(tmp_path), validation_size=10))
+    assert len(train) == 30 and len(validation) == 10
+    rows = lambda d: {img.tobytes() for img in d.images}  # noqa: E731
+    assert not rows(train) & rows(validation)
+    assert rows(train) | rows(validation) == rows(data.ArrayDataset(train_images, np.zeros(40, np.int32)))
+    again_train, again_validation, _ = data.load(_config(dir=str(tmp_path), validation_size=10))
+    np.testing.assert_array_equal(again_validation.images, validation.images)
+    limited, limited_validation, _ = data.load(_config(dir=str(tmp_path), validation_size=10, train_limit=5))
+    assert len(limited) == 5 and rows(limited) <= rows(train) and len(limited_validation) == 10
+    with pytest.raises(ValueError, match="validation_size=40 must be between 1 and 39"):
+        data.load(_config(dir=str(tmp_path), validation_size=40))
+
+
 def test_npz_image_size_mismatch(tmp_path):
     _write_npz(tmp_path / "train.npz", 4, size=8)
     _write_npz(tmp_path / "test.npz", 4, size=8)

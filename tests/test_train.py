@@ -22,6 +22,7 @@ RECORD_KEYS = {
     "images_per_second",
     "seconds",
     "learning_rate",
+    "phase_epoch",
 }
 
 
@@ -37,8 +38,8 @@ def tiny_data(tmp_path_factory):
     return folder
 
 
-def smoke_config(data_dir, **overrides):
-    config = config_lib.get_config("cifar10", "smoke")
+def smoke_config(data_dir, method="sgd", **overrides):
+    config = config_lib.get_config("cifar10", f"smoke,{method}")
     config.data.source = "npz"
     config.data.dir = str(data_dir)
     config.data.image_size = 16
@@ -60,13 +61,31 @@ def final_state(workdir):
     return restored
 
 
+def interrupted_then_resumed(config, workdir, monkeypatch):
+    """Runs ``config`` until the second evaluation (after the first epoch's checkpoint), stops it, reruns it."""
+    calls = {"n": 0}
+    real_evaluate = train.evaluate
+
+    def interrupted_evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", interrupted_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, workdir)
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    return train.train_and_evaluate(config, workdir)
+
+
 def test_smoke_run_through_the_cli(tiny_data, tmp_path):
     workdir = tmp_path / "run"
     command = [
         sys.executable,
         "-m",
         "dibjax.main",
-        "--config=configs/cifar10.py:smoke",
+        "--config=configs/cifar10.py:smoke,sgd",
         f"--workdir={workdir}",
         "--config.data.source=npz",
         f"--config.data.dir={tiny_data}",
@@ -78,7 +97,8 @@ def test_smoke_run_through_the_cli(tiny_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1]
-    assert all(set(r) == RECORD_KEYS for r in records)
+    assert all(set(r) == RECORD_KEYS | {"grad_norms", "ce"} for r in records)
+    assert all(len(r["grad_norms"]) == 4 and min(r["grad_norms"]) > 0 for r in records)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["test_accuracy"] == records[-1]["test_accuracy"]
     assert summary["train_step_peak_bytes"] > 0
@@ -89,20 +109,7 @@ def test_resuming_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path,
     config = smoke_config(tiny_data, **{"train.num_epochs": 3})
     train.train_and_evaluate(config, tmp_path / "straight")
 
-    calls = {"n": 0}
-    real_evaluate = train.evaluate
-
-    def interrupted_evaluate(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # during epoch 2, after epoch 1's checkpoint
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train, "evaluate", interrupted_evaluate)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(config, tmp_path / "resumed")
-    monkeypatch.setattr(train, "evaluate", real_evaluate)
-    train.train_and_evaluate(config, tmp_path / "resumed")
+    interrupted_then_resumed(config, tmp_path / "resumed", monkeypatch)  # stopped during epoch 2
 
     straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
     jax.tree.map(np.testing.assert_array_equal, straight, resumed)
@@ -124,14 +131,14 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_da
     config = smoke_config(tiny_data, **{"train.num_epochs": 2})
     real_step = train.Trainer._train_step
 
-    def poisoned_step(self, state, batch):
+    def poisoned_step(self, phase, state, batch):
         # From the 8th step on (epoch 2, whose 6 steps start at 6), images are NaN.
         step = state["step"]
         batch = dict(batch, image=jax.numpy.where(step >= 7, jax.numpy.nan, batch["image"].astype("float32")))
-        return real_step(self, state, batch)
+        return real_step(self, phase, state, batch)
 
     monkeypatch.setattr(train.Trainer, "_train_step", poisoned_step)
-    with pytest.raises(train.NonFiniteLossError, match=r"epoch 2, step 2 of that epoch \(global step 8\)"):
+    with pytest.raises(train.NonFiniteLossError, match=r"end_to_end, epoch 2, step 2 of that epoch \(global step 8\)"):
         train.train_and_evaluate(config, tmp_path)
     with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
         assert manager.all_steps() == [1]
@@ -169,10 +176,14 @@ def test_batch_sharded_over_four_devices_gives_the_same_loss(tiny_data, tmp_path
         ("data.name", "mnist", r"unknown data.name 'mnist'; accepted: cifar10"),
         ("data.source", "http", r"unknown data.source 'http'; accepted: tfds"),
         ("schedule", "sideways", r"unknown schedule 'sideways'"),
+        ("objective.name", "ib", r"unknown objective 'ib'; accepted: ce, dib, predsim, hsic"),
+        ("objective.dib.compression", "mutual", r"unknown compression 'mutual'"),
+        ("model.dtype", "float16", r"unknown model.dtype 'float16'; accepted: float32, bfloat16"),
+        ("train.stage_epochs", (1, 2), r"stage_epochs=\(1, 2\) has 2 entries; the model has 4 stages"),
     ],
 )
 def test_unknown_names_are_refused_before_any_work(tmp_path, field, value, message):
-    config = smoke_config(tmp_path / "does-not-exist", **{field: value})
+    config = smoke_config(tmp_path / "does-not-exist", "greedy_dib", **{field: value})
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -185,12 +196,48 @@ def test_missing_data_folder_says_where_it_looked(tmp_path):
 
 @pytest.mark.parametrize("dataset", config_lib.DATASETS)
 def test_config_variants(dataset):
-    for arg in (None, "", "sgd", "cpu", "smoke", "cpu,sgd", "sgd,smoke"):
+    for arg in (None, "", "sgd", "cpu", "smoke", "cpu,sgd", "sgd,smoke", "cpu,dgl", "hsic,smoke", "full,predsim"):
         config = config_lib.get_config(dataset, arg)
         train.check_config(config)
         assert config.data.name == dataset
+    for method, (schedule_name, objective) in config_lib.METHOD_RECIPES.items():
+        config = config_lib.get_config(dataset, f"cpu,{method}")
+        assert (config.schedule, config.objective.name, config.method) == (schedule_name, objective, method)
+        assert config.model.head == ("linear" if method == "sgd" else "conv")
+    default = config_lib.get_config(dataset)
+    assert (default.method, default.schedule, default.objective.name) == ("greedy_dib", "sequential", "dib")
+    assert default.model.name == "vgg11" and default.model.split == "layer"
     assert config_lib.get_config(dataset, "cpu").model.name == "small_cnn"
     with pytest.raises(ValueError, match=r"unknown config variant 'tpu'.*sizes: \('full', 'cpu', 'smoke'\)"):
         config_lib.get_config(dataset, "tpu")
     with pytest.raises(ValueError, match="two sizes"):
         config_lib.get_config(dataset, "cpu,smoke")
+
+
+def test_greedy_run_records_every_term_and_resumes_inside_a_stage(tiny_data, tmp_path, monkeypatch):
+    overrides = {"model.split": "groups", "model.num_groups": 2, "train.stage_epochs": (2, 1)}
+    config = smoke_config(tiny_data, "greedy_dib", **overrides)
+    config.objective.dib.gamma = 0.1
+    straight = train.train_and_evaluate(config, tmp_path / "straight")
+
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"], r["phase_epoch"]) for r in records] == [(0, 0, 0), (0, 1, 1), (1, 2, 0)]
+    for r in records:
+        assert set(r) == RECORD_KEYS | {"grad_norm", "ce", "H_T", "I_TY"}
+        assert r["grad_norm"] > 0 and r["H_T"] > 0 and r["ce"] > 0
+    assert straight["stage_accuracies"] == [records[1]["test_accuracy"], records[2]["test_accuracy"]]
+    assert straight["test_accuracy"] == records[2]["test_accuracy"]
+    assert len(straight["phase_peak_bytes"]) == 2 and straight["num_epochs"] == 3
+
+    # Stopped during stage 0's second epoch, after its first checkpoint.
+    resumed = interrupted_then_resumed(config, tmp_path / "resumed", monkeypatch)
+    jax.tree.map(np.testing.assert_array_equal, final_state(tmp_path / "straight"), final_state(tmp_path / "resumed"))
+    assert resumed["stage_accuracies"] == straight["stage_accuracies"]
+
+
+def test_batch_too_small_for_the_estimator_is_refused(tiny_data, tmp_path):
+    config = smoke_config(tiny_data, "greedy_dib", **{"train.batch_size": 8})
+    config.objective.dib.width = "knn"
+    with pytest.raises(ValueError, match=r"batch_size=8 is too small for the 'dib' objective.*at least 11"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

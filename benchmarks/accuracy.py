@@ -1,0 +1,75 @@
+"""The accuracy protocol: every method on the small CNN (``cpu`` size), test accuracy and wall time over seeds.
+
+    python benchmarks/accuracy.py --cifar10 ../shared/data/cifar10 --gtsrb ../shared/data/gtsrb
+    python benchmarks/accuracy.py --cifar10 ../shared/data/cifar10 --methods sgd greedy_ce --seeds 0
+
+Each run is ``python -m dibjax.main --config=configs/DATASET.py:cpu,METHOD --config.seed=SEED`` on the npz data,
+with the epochs of that config: every stage of a layer-wise method trains for as many epochs as ``sgd`` trains in
+total. Finished runs are kept in ``--workdir`` (one folder per data set, method and seed) and not rerun, so the
+protocol can be stopped and continued; the table is printed from whatever has finished. Accuracy is the mean over
+seeds ± half the range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from dibjax import config_lib, train  # noqa: E402
+
+
+def run(dataset: str, data_dir: str, method: str, seed: int, workdir: pathlib.Path) -> dict:
+    summary_path = workdir / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    config = config_lib.get_config(dataset, f"cpu,{method}")
+    config.seed = seed
+    config.data.source = "npz"
+    config.data.dir = data_dir
+    config.train.progress = False
+    return train.train_and_evaluate(config, workdir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cifar10", help="CIFAR-10 npz folder")
+    parser.add_argument("--gtsrb", help="GTSRB npz folder")
+    parser.add_argument("--methods", nargs="+", choices=config_lib.METHODS, default=list(config_lib.METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--workdir", default="runs/accuracy")
+    parser.add_argument("--table-only", action="store_true", help="print the table of finished runs, run nothing")
+    args = parser.parse_args()
+
+    folders = {name: path for name, path in (("cifar10", args.cifar10), ("gtsrb", args.gtsrb)) if path}
+    if not folders:
+        parser.error("give --cifar10 and/or --gtsrb")
+    results: dict[tuple[str, str], list[dict]] = {}
+    for dataset, data_dir in folders.items():
+        for method in args.methods:
+            for seed in args.seeds:
+                workdir = pathlib.Path(args.workdir) / f"{dataset}-{method}-s{seed}"
+                if args.table_only and not (workdir / "summary.json").exists():
+                    continue
+                summary = run(dataset, data_dir, method, seed, workdir)
+                results.setdefault((dataset, method), []).append(summary)
+                print(f"{dataset} {method} seed {seed}: {summary['test_accuracy']:.4f}", file=sys.stderr, flush=True)
+
+    print("\n| data set | method | epochs | test accuracy | seeds | wall (s) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for (dataset, method), runs in results.items():
+        accuracies = [100 * r["test_accuracy"] for r in runs]
+        spread = (max(accuracies) - min(accuracies)) / 2
+        wall = statistics.mean(r["wall_seconds"] for r in runs)
+        print(
+            f"| {dataset} | {method} | {runs[0]['num_epochs']} | {statistics.mean(accuracies):.2f} ± {spread:.2f}% "
+            f"| {len(runs)} | {wall:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""What the information terms cost: a greedy stage's step with the DIB objective against the same step with CE.
+
+    python benchmarks/objective_cost.py                       # the small CNN (cpu size), every stage, batch 128
+    python benchmarks/objective_cost.py --model vgg11 --width 64 --stages 0 3 7
+
+Both steps train the same stage with the same head, optimizer, augmentation and batches; only the objective
+differs (``ce``, or ``dib`` with the default settings of ``configs/*.py``, which can be changed with
+``--compression``, ``--pool``, ``--gamma``). The two alternate in rounds and the table gives the median step time
+over rounds, so that drift on a shared machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from dibjax import config_lib, data, train  # noqa: E402
+
+
+def make_trainer(objective: str, args) -> train.Trainer:
+    config = config_lib.get_config("cifar10", "cpu,greedy_dib")
+    config.model.name = args.model
+    config.model.width = args.width
+    config.train.batch_size = args.batch
+    config.objective.name = objective
+    config.objective.dib.compression = args.compression
+    config.objective.dib.pool = args.pool
+    config.objective.dib.gamma = args.gamma
+    return train.Trainer(config, data.DATASETS["cifar10"], steps_per_epoch=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="small_cnn")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--stages", nargs="+", type=int, default=None)
+    parser.add_argument("--compression", default="entropy")
+    parser.add_argument("--pool", type=int, default=4)
+    parser.add_argument("--gamma", type=float, default=0.0)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    trainers = {name: make_trainer(name, args) for name in ("ce", "dib")}
+    stages = args.stages if args.stages is not None else list(range(trainers["ce"].num_stages))
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "image": rng.integers(0, 256, (args.batch, 32, 32, 3), dtype=np.uint8),
+            "label": rng.integers(0, 10, args.batch).astype(np.int32),
+        }
+        for _ in range(args.steps)
+    ]
+
+    print(
+        f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, {args.model} width {args.width}, batch {args.batch}"
+    )
+    print(f"dib: compression {args.compression}, pool {args.pool}, gamma {args.gamma}")
+    print()
+    print("| stage | ce step (ms) | dib step (ms) | dib / ce |")
+    print("|---:|---:|---:|---:|")
+    for k in stages:
+        steps, states = {}, {}
+        for name, trainer in trainers.items():
+            # A copy: the step donates its input state, and the initial state serves every stage.
+            fresh = jax.tree.map(lambda a: np.array(a, copy=True), trainer.initial_state)
+            states[name] = jax.device_put(fresh, trainer.replicated)
+            sharded = [trainer.shard(b) for b in batches]
+            steps[name] = (trainer.train_steps[k].lower(states[name], sharded[0]).compile(), sharded)
+            states[name], _ = steps[name][0](states[name], sharded[0])  # warm-up
+        times = {name: [] for name in trainers}
+        for _ in range(args.rounds):
+            for name in trainers:
+                step, sharded = steps[name]
+                state = states[name]
+                jax.block_until_ready(state)
+                start = time.perf_counter()
+                for batch in sharded:
+                    state, _ = step(state, batch)
+                jax.block_until_ready(state)
+                times[name].append((time.perf_counter() - start) / len(sharded))
+                states[name] = state
+        ce, dib = (statistics.median(times[name]) * 1e3 for name in ("ce", "dib"))
+        print(f"| {k} | {ce:.1f} | {dib:.1f} | {dib / ce:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""How the stages of a :class:`~dibjax.models.StagedModel` are trained: sequential, simultaneous, end to end.
+
+A run is a list of :class:`Phase` s. Each has one jitted training step, a pure function of the training state
+(:func:`train_step`), built from the network's stages, a per-stage objective (:mod:`dibjax.objectives`; this module
+only knows that it maps a stage's output, its head's logits and the labels to a loss) and one optax optimizer per
+parameter group.
+
+* ``sequential`` (greedy layer-wise training): phase ``k`` trains stage ``k`` with its head ``k`` for its epochs;
+  stages ``0 .. k-1`` are frozen, applied with their BatchNorm in inference mode (running statistics, never
+  updated) under ``stop_gradient``, so only stage ``k``'s activations are kept for the backward pass. Group ``k``
+  (stage ``k`` and head ``k``) has its own optimizer state and learning-rate schedule.
+* ``simultaneous`` (decoupled greedy learning, Belilovsky, Eickenberg & Oyallon, "Decoupled Greedy Learning of
+  CNNs", ICML 2020): one phase; every batch updates every stage and head, each from its own objective, with
+  ``stop_gradient`` between stages and one optimizer state per group ``k``.
+* ``end_to_end``: one phase, ordinary backpropagation of the objective on the last stage's head through the whole
+  network (the SGD baseline); one group: every stage and the last head.
+
+The training state is a dict: ``step`` (global step), ``params`` and ``extra`` (``{"stages": [...], "heads":
+[...]}``, one ``nnx.State`` per stage and head: parameters, and BatchNorm statistics), ``opt_state`` (one optax
+state per group), ``key`` (raw PRNG key data for augmentation) and ``nonfinite_step`` (first step whose loss was
+NaN/Inf, or -1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dibjax import models
+
+SCHEDULES = ("sequential", "simultaneous", "end_to_end")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A part of a run with one training step: ``stage`` is the stage trained (``None``: every stage)."""
+
+    schedule: str
+    stage: int | None
+    num_epochs: int
+
+    @property
+    def name(self) -> str:
+        return f"stage {self.stage}" if self.stage is not None else self.schedule
+
+
+def make_phases(schedule: str, num_stages: int, epochs: int | Sequence[int]) -> list[Phase]:
+    """The phases of a run. ``epochs`` is the epochs of every phase, or for ``sequential`` one count per stage."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; accepted: {', '.join(SCHEDULES)}")
+    per_stage = [int(epochs)] * num_stages if isinstance(epochs, int) else [int(e) for e in epochs]
+    if schedule != "sequential" and not isinstance(epochs, int):
+        raise ValueError(f"schedule {schedule!r} takes one epoch count, got {epochs!r}")
+    if len(per_stage) != num_stages:
+        raise ValueError(f"got {len(per_stage)} per-stage epoch counts {tuple(per_stage)} for {num_stages} stages")
+    if any(e < 1 for e in per_stage):
+        raise ValueError(f"epoch counts must be >= 1, got {tuple(per_stage)}")
+    if schedule == "sequential":
+        return [Phase(schedule, k, e) for k, e in enumerate(per_stage)]
+    return [Phase(schedule, None, per_stage[0])]
+
+
+def num_groups(schedule: str, num_stages: int) -> int:
+    """Parameter groups with an optimizer of their own: one per stage and head, or one for end-to-end."""
+    return 1 if schedule == "end_to_end" else num_stages
+
+
+def group_members(schedule: str, num_stages: int, group: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(stage indices, head indices) of a parameter group."""
+    if schedule == "end_to_end":
+        return tuple(range(num_stages)), (num_stages - 1,)
+    return (group,), (group,)
+
+
+def trained_groups(phase: Phase, num_stages: int) -> tuple[int, ...]:
+    if phase.schedule == "sequential":
+        return (phase.stage,)
+    return tuple(range(num_groups(phase.schedule, num_stages)))
+
+
+def trained_stages(phase: Phase, num_stages: int) -> tuple[int, ...]:
+    """Stages whose parameters the phase updates."""
+    return (phase.stage,) if phase.stage is not None else tuple(range(num_stages))
+
+
+def evaluated_heads(phase: Phase, num_stages: int) -> tuple[int, ...]:
+    """Heads whose accuracy the phase reports: the trained stage's, every head, or the classifier."""
+    if phase.schedule == "sequential":
+        return (phase.stage,)
+    if phase.schedule == "simultaneous":
+        return tuple(range(num_stages))
+    return (num_stages - 1,)
+
+
+class StagedNetwork:
+    """A :class:`~dibjax.models.StagedModel` as pure functions of per-stage parameters and statistics."""
+
+    def __init__(self, model: models.StagedModel):
+        self.num_stages = model.num_stages
+        model.train()
+        stage_split = [nnx.split(stage, nnx.Param, ...) for stage in model.stages]
+        head_split = [nnx.split(head, nnx.Param, ...) for head in model.heads]
+        self.train_defs = {"stages": [s[0] for s in stage_split], "heads": [h[0] for h in head_split]}
+        self.initial_params = {"stages": [s[1] for s in stage_split], "heads": [h[1] for h in head_split]}
+        self.initial_extra = {"stages": [s[2] for s in stage_split], "heads": [h[2] for h in head_split]}
+        model.eval()
+        self.eval_defs = {
+            "stages": [nnx.graphdef(stage) for stage in model.stages],
+            "heads": [nnx.graphdef(head) for head in model.heads],
+        }
+        model.train()
+
+    def apply(self, kind: str, k: int, params: dict, extra: dict, x: jax.Array, *, train: bool):
+        """Applies stage or head ``k`` (``kind`` is ``"stages"`` or ``"heads"``); returns (output, new statistics)."""
+        graphdef = (self.train_defs if train else self.eval_defs)[kind][k]
+        module = nnx.merge(graphdef, params[kind][k], extra[kind][k], copy=True)
+        y = module(x)
+        return y, nnx.state(module, nnx.Not(nnx.Param)) if train else extra[kind][k]
+
+
+def _select(tree: dict, stages: Sequence[int], heads: Sequence[int]) -> dict:
+    return {"stages": {k: tree["stages"][k] for k in stages}, "heads": {k: tree["heads"][k] for k in heads}}
+
+
+def _replace(tree: dict, part: dict) -> dict:
+    out = {"stages": list(tree["stages"]), "heads": list(tree["heads"])}
+    for kind in ("stages", "heads"):
+        for k, value in part[kind].items():
+            out[kind][k] = value
+    return out
+
+
+def _view(params: dict, trainable: dict) -> dict:
+    """``params`` with the trainable groups' entries taken from ``trainable`` (so gradients reach them)."""
+    for part in trainable.values():
+        params = _replace(params, part)
+    return params
+
+
+def phase_loss(
+    net: StagedNetwork, objective: Callable, phase: Phase, trainable: dict, params: dict, extra: dict, x, labels
+):
+    """The phase's loss and, per stage, its loss terms, logits and updated statistics."""
+    num_stages = net.num_stages
+    params = _view(params, trainable)
+    new_extra = {"stages": list(extra["stages"]), "heads": list(extra["heads"])}
+    outputs: dict[int, dict[str, Any]] = {}
+
+    def stage_objective(k: int, t: jax.Array, stage_input: jax.Array) -> jax.Array:
+        head_input = t if objective.head_trains_stage else jax.lax.stop_gradient(t)
+        logits, new_extra["heads"][k] = net.apply("heads", k, params, extra, head_input, train=True)
+        loss, terms = objective(t, logits, labels, stage_input=stage_input, network_input=x)
+        outputs[k] = {"loss": loss, "terms": terms, "logits": logits}
+        return loss
+
+    if phase.schedule == "sequential":
+        k = phase.stage
+        h = x
+        # The frozen stages only run forward: the native convolution is the faster one there.
+        with models.native_convolutions():
+            for j in range(k):
+                h, _ = net.apply("stages", j, params, extra, h, train=False)
+        h = jax.lax.stop_gradient(h)
+        t, new_extra["stages"][k] = net.apply("stages", k, params, extra, h, train=True)
+        total = stage_objective(k, t, h)
+    elif phase.schedule == "simultaneous":
+        h, total = x, 0.0
+        for k in range(num_stages):
+            stage_input = jax.lax.stop_gradient(h)
+            h, new_extra["stages"][k] = net.apply("stages", k, params, extra, stage_input, train=True)
+            total = total + stage_objective(k, h, stage_input)
+    else:
+        h, stage_input = x, x
+        for k in range(num_stages):
+            stage_input = h
+            h, new_extra["stages"][k] = net.apply("stages", k, params, extra, h, train=True)
+        total = stage_objective(num_stages - 1, h, stage_input)
+    return total, (outputs, new_extra)
+
+
+def _global_norm(tree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves))
+
+
+def train_step(
+    net: StagedNetwork,
+    objective: Callable,
+    optimizers: Sequence[optax.GradientTransformation],
+    phase: Phase,
+    state: dict,
+    images: jax.Array,
+    labels: jax.Array,
+) -> tuple[dict, dict]:
+    """One optimisation step of ``phase`` on a batch of normalised, augmented ``images``.
+
+    Returns the new state and the batch's metrics, each an array over the stages: ``loss``, ``correct`` (right
+    predictions of the stage's head), ``grad_norm`` (global norm of the gradient of the stage's parameters,
+    head excluded) and one entry per objective term, all zero for stages the phase does not train; plus ``count``.
+    A step whose loss is not finite leaves the state as it was and records its index in ``nonfinite_step``.
+    """
+    num_stages = net.num_stages
+    groups = trained_groups(phase, num_stages)
+    members = {g: group_members(phase.schedule, num_stages, g) for g in groups}
+    trainable = {g: _select(state["params"], *members[g]) for g in groups}
+
+    def loss_fn(trainable):
+        return phase_loss(net, objective, phase, trainable, state["params"], state["extra"], images, labels)
+
+    (loss, (outputs, new_extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+
+    params, opt_states = state["params"], list(state["opt_state"])
+    for g in groups:
+        updates, opt_states[g] = optimizers[g].update(grads[g], state["opt_state"][g], trainable[g])
+        params = _replace(params, optax.apply_updates(trainable[g], updates))
+
+    finite = jnp.isfinite(loss)
+    # A non-finite step leaves the state as it was, so the run stops on the last good one.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = {
+        "step": state["step"] + 1,
+        "params": keep(params, state["params"]),
+        "extra": keep(new_extra, state["extra"]),
+        "opt_state": keep(opt_states, list(state["opt_state"])),
+        "key": state["key"],
+        "nonfinite_step": jnp.where((state["nonfinite_step"] < 0) & ~finite, state["step"], state["nonfinite_step"]),
+    }
+
+    zeros = jnp.zeros((num_stages,), jnp.float32)
+    metrics = {"loss": zeros, "correct": zeros, "grad_norm": zeros}
+    for k, out in outputs.items():
+        metrics["loss"] = metrics["loss"].at[k].set(out["loss"].astype(jnp.float32))
+        correct = jnp.sum(jnp.argmax(out["logits"], -1) == labels).astype(jnp.float32)
+        metrics["correct"] = metrics["correct"].at[k].set(correct)
+        for name, value in out["terms"].items():
+            metrics.setdefault(name, zeros)
+            metrics[name] = metrics[name].at[k].set(value.astype(jnp.float32))
+    for g in groups:
+        for k in members[g][0]:
+            metrics["grad_norm"] = metrics["grad_norm"].at[k].set(_global_norm(grads[g]["stages"][k]))
+    metrics["count"] = jnp.asarray(labels.shape[0], jnp.float32)
+    return new_state, metrics
+
+
+def eval_logits(net: StagedNetwork, state: dict, x: jax.Array, heads: Sequence[int]) -> dict[int, jax.Array]:
+    """Logits of the given heads on ``x``, every module in inference mode, stages run only as far as needed."""
+    outputs, h = {}, x
+    with models.native_convolutions():
+        for k in range(max(heads) + 1):
+            h, _ = net.apply("stages", k, state["params"], state["extra"], h, train=False)
+            if k in heads:
+                outputs[k], _ = net.apply("heads", k, state["params"], state["extra"], h, train=False)
+    return outputs
