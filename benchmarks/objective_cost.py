@@ -65,6 +65,8 @@ def main() -> None:
     )
     print(f"dib: compression {args.compression}, pool {args.pool}, gamma {args.gamma}")
     print()
+    print("(BLAS limited to one thread, as dibjax.train does on CPU)")
+    print()
     print("| stage | ce step (ms) | dib step (ms) | dib / ce |")
     print("|---:|---:|---:|---:|")
     for k in stages:
@@ -93,4 +95,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with train.single_threaded_blas():
+        main()

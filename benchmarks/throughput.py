@@ -72,7 +72,7 @@ def dibjax_step(config, info, steps_per_epoch):
 
     def run(batch, i):
         state["value"], metrics = trainer.train_steps[0](state["value"], trainer.shard(batch))
-        return metrics["loss_sum"]
+        return metrics["loss"]
 
     return run
 
@@ -116,7 +116,7 @@ def main() -> None:
     print("| model | hand-written NNX loop (img/s) | dibjax train step (img/s) | dibjax / hand-written |")
     print("|---|---:|---:|---:|")
     for name in args.models.split(","):
-        config = config_lib.get_config("cifar10", "cpu")
+        config = config_lib.get_config("cifar10", "cpu,sgd")
         config.model.name = name
         config.model.width = WIDTHS.get(name, 0)
         config.model.split = "block"

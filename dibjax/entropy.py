@@ -169,6 +169,38 @@ def pairwise_sq_distances(x: Any) -> Array:
     return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0, sq_dist)
 
 
+def _kth_smallest_nonnegative(values: Array, k: int) -> Array:
+    """The ``k``-th smallest (0-based) of a 1-D array of non-negative floats, exactly, without sorting.
+
+    Non-negative IEEE floats order like their bit patterns read as integers, so a bisection over the integers
+    finds the smallest bit pattern with more than ``k`` values at or below it, in one counting pass per bit.
+    XLA:CPU sorts slowly (about 3 ms for the 8,128 distances of a 128-sample batch, more than the rest of an
+    entropy and its gradient); this takes a few hundredths of that.
+    """
+    int_dtype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[values.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(jnp.maximum(values, 0), int_dtype)
+
+    def step(_, bounds):
+        low, high = bounds
+        middle = low + (high - low) // 2
+        enough = jnp.sum(bits <= middle) > k
+        return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+
+    low, _ = jax.lax.fori_loop(
+        0, 8 * values.dtype.itemsize, step, (jnp.zeros((), int_dtype), jnp.max(bits).astype(int_dtype))
+    )
+    return jax.lax.bitcast_convert_type(low, values.dtype)
+
+
+def _median_nonnegative(values: Array) -> Array:
+    """``jnp.median`` of a 1-D array of non-negative floats (the mean of the two middle values for even sizes)."""
+    count = values.shape[0]
+    upper = _kth_smallest_nonnegative(values, count // 2)
+    if count % 2:
+        return upper
+    return (_kth_smallest_nonnegative(values, count // 2 - 1) + upper) / 2
+
+
 def _positive_or_fallback(sigma: Array, distances: Array) -> Array:
     # A rule yields 0 only when (more than half of) the samples coincide. The mean distance
     # keeps σ equivariant to a scaling of x; if it is 0 too, every sample is the same and
@@ -234,7 +266,7 @@ def kernel_width(x: Any, rule: str = "median", **options: Any) -> Array:
     distances = jnp.sqrt(pairwise_sq_distances(x))
     off_diagonal = distances[np.triu_indices(n, 1)]
     if rule == "median":
-        sigma = jnp.median(off_diagonal) / math.sqrt(2)
+        sigma = _median_nonnegative(off_diagonal) / math.sqrt(2)
     elif rule == "knn":
         k = options.get("k", 10)
         if not isinstance(k, int | np.integer) or not 1 <= k < n:

@@ -403,3 +403,16 @@ def test_slq_is_finite_on_degenerate_spectra(case):
     value = jax.jit(lambda a: E.renyi_entropy(a, 1.01, method="slq", key=jax.random.key(0), deflation_rank=4))(A)
     assert np.isfinite(float(value))
     np.testing.assert_allclose(value, E.renyi_entropy(A, 1.01), atol=0.25)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [1, 2, 7, 8128])
+def test_median_without_sorting_equals_numpy_median(dtype, size):
+    rng = np.random.default_rng(size)
+    values = rng.exponential(size=size).astype(dtype)
+    values[: size // 3] = values[0]  # ties
+    if size > 2:
+        values[1] = 0.0
+    got = E._median_nonnegative(jnp.asarray(values))
+    assert got.dtype == dtype
+    assert float(got) == pytest.approx(float(np.median(values)), rel=float(np.finfo(dtype).eps))

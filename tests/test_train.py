@@ -241,3 +241,19 @@ def test_batch_too_small_for_the_estimator_is_refused(tiny_data, tmp_path):
     with pytest.raises(ValueError, match=r"batch_size=8 is too small for the 'dib' objective.*at least 11"):
         train.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_blas_is_single_threaded_inside_training_and_restored_after():
+    import threadpoolctl
+
+    def scipy_blas_threads():
+        infos = [i for i in threadpoolctl.threadpool_info() if "scipy_openblas" in i["prefix"]]
+        return {i["filepath"]: i["num_threads"] for i in infos}
+
+    import scipy.linalg.cython_lapack  # noqa: F401  (loads SciPy's OpenBLAS, as JAX's CPU LAPACK kernels do)
+
+    before = scipy_blas_threads()
+    with train.single_threaded_blas():
+        inside = scipy_blas_threads()
+    assert inside and set(inside.values()) == {1}
+    assert scipy_blas_threads() == before

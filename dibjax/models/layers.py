@@ -175,7 +175,10 @@ def adaptive_avg_pool(x: jax.Array, output_size: int | Sequence[int]) -> jax.Arr
     works under ``jax.jit``; when ``n < m`` the input cells are repeated, so a 1×1 map pools to a constant 2×2 map.
     """
     out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    in_h, in_w = x.shape[1], x.shape[2]
+    n, in_h, in_w, c = x.shape
+    if in_h % out_h == 0 and in_w % out_w == 0:
+        # Equal bins: one reshape and mean, whose gradient is far cheaper than that of the slices below.
+        return jnp.mean(x.reshape(n, out_h, in_h // out_h, out_w, in_w // out_w, c), axis=(2, 4))
     rows = []
     for i in range(out_h):
         h0, h1 = (i * in_h) // out_h, math.ceil((i + 1) * in_h / out_h)
