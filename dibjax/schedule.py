@@ -78,6 +78,17 @@ def group_members(schedule: str, num_stages: int, group: int) -> tuple[tuple[int
     return (group,), (group,)
 
 
+def init_optimizer_states(
+    schedule: str, optimizers: Sequence[optax.GradientTransformation], params: dict
+) -> list[optax.OptState]:
+    """One optimizer state per parameter group, each over the group's parameters only."""
+    num_stages = len(params["stages"])
+    return [
+        optimizer.init(select(params, *group_members(schedule, num_stages, g)))
+        for g, optimizer in enumerate(optimizers)
+    ]
+
+
 def trained_groups(phase: Phase, num_stages: int) -> tuple[int, ...]:
     if phase.schedule == "sequential":
         return (phase.stage,)
@@ -124,7 +135,8 @@ class StagedNetwork:
         return y, nnx.state(module, nnx.Not(nnx.Param)) if train else extra[kind][k]
 
 
-def _select(tree: dict, stages: Sequence[int], heads: Sequence[int]) -> dict:
+def select(tree: dict, stages: Sequence[int], heads: Sequence[int]) -> dict:
+    """The entries of ``tree`` (``{"stages": [...], "heads": [...]}``) for the given stage and head indices."""
     return {"stages": {k: tree["stages"][k] for k in stages}, "heads": {k: tree["heads"][k] for k in heads}}
 
 
@@ -210,7 +222,7 @@ def train_step(
     num_stages = net.num_stages
     groups = trained_groups(phase, num_stages)
     members = {g: group_members(phase.schedule, num_stages, g) for g in groups}
-    trainable = {g: _select(state["params"], *members[g]) for g in groups}
+    trainable = {g: select(state["params"], *members[g]) for g in groups}
 
     def loss_fn(trainable):
         return phase_loss(net, objective, phase, trainable, state["params"], state["extra"], images, labels)

@@ -145,10 +145,7 @@ class Trainer:
         ]
         self.optimizers = [make_optimizer(config, s) for s in self.schedules]
         params, extra = self.net.initial_params, self.net.initial_extra
-        opt_state = [
-            self.optimizers[g].init(schedule._select(params, *schedule.group_members(config.schedule, num_stages, g)))
-            for g in range(groups)
-        ]
+        opt_state = schedule.init_optimizer_states(config.schedule, self.optimizers, params)
         self.initial_state = {
             "step": jnp.zeros((), jnp.int32),
             "params": params,

@@ -36,10 +36,7 @@ def initial_state(net, schedule_name, optimizer):
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "extra": net.initial_extra,
-        "opt_state": [
-            optimizer.init(schedule._select(params, *schedule.group_members(schedule_name, net.num_stages, g)))
-            for g in range(groups)
-        ],
+        "opt_state": schedule.init_optimizer_states(schedule_name, [optimizer] * groups, params),
         "key": jax.random.key_data(jax.random.key(0)),
         "nonfinite_step": -jnp.ones((), jnp.int32),
     }
@@ -47,7 +44,7 @@ def initial_state(net, schedule_name, optimizer):
 
 def everything(net):
     """One 'group' holding every stage and head, so a gradient is taken with respect to all parameters."""
-    return {0: schedule._select(net.initial_params, range(net.num_stages), range(net.num_stages))}
+    return {0: schedule.select(net.initial_params, range(net.num_stages), range(net.num_stages))}
 
 
 def gradient_norms(grads, kind):
