@@ -1,0 +1,118 @@
+"""A short accelerator check: VGG-11 trained with ``sgd`` and with ``greedy_dib`` on a CIFAR-10 subset.
+
+    python benchmarks/gpu_check.py --make-subset ../shared/data/cifar10 --out data-subset/cifar10   # on the host
+    python benchmarks/gpu_check.py --data data-subset/cifar10                                       # on the device
+
+The first command writes a class-balanced subset (``--train`` and ``--test`` images, default 8,000 and 2,000) in
+the npz layout, small enough to travel with a working tree. The second trains VGG-11 end to end for ``--epochs``
+epochs and greedily for ``--stage-epochs`` epochs per stage, and prints for each: test accuracy, training
+images/s (the mean over epochs after the first, which includes compilation), wall time, the compiled peak memory
+of the training step and the device's own peak from ``jax.devices()[0].memory_stats()`` where it reports one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from dibjax import config_lib, train  # noqa: E402
+
+
+def make_subset(source: str, out: str, train_size: int, test_size: int) -> None:
+    out_path = pathlib.Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    for split, size in (("train", train_size), ("test", test_size)):
+        with np.load(pathlib.Path(source) / f"{split}.npz") as npz:
+            images, labels = npz["image"], npz["label"]
+        rng = np.random.default_rng(0)
+        per_class = size // 10
+        keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(10)])
+        np.savez(out_path / f"{split}.npz", image=images[np.sort(keep)], label=labels[np.sort(keep)])
+        print(f"{out_path / split}.npz: {len(keep)} images")
+
+
+def run(method: str, data_dir: str, epochs: int, workdir: pathlib.Path) -> dict:
+    config = config_lib.get_config("cifar10", method)
+    config.data.source = "npz"
+    config.data.dir = data_dir
+    config.train.num_epochs = epochs
+    config.train.progress = False
+    summary = train.train_and_evaluate(config, workdir)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["images_per_second"] for r in records if r["phase_epoch"] > 0] or [records[-1]["images_per_second"]]
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "method": method,
+        "test_accuracy": summary["test_accuracy"],
+        "images_per_second": float(np.mean(speeds)),
+        "wall_seconds": summary["wall_seconds"],
+        "compiled_step_bytes": summary["train_step_peak_bytes"],
+        "device_peak_bytes": stats.get("peak_bytes_in_use"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--make-subset", metavar="SOURCE", help="npz folder to take the subset from")
+    parser.add_argument("--out", default="data-subset/cifar10")
+    parser.add_argument("--train", type=int, default=8000)
+    parser.add_argument("--test", type=int, default=2000)
+    parser.add_argument("--data", help="npz folder to train on")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs of the sgd run")
+    parser.add_argument("--stage-epochs", type=int, default=2, help="epochs of every greedy stage")
+    parser.add_argument("--method", help="run this method alone and print its JSON line (used internally)")
+    parser.add_argument("--workdir", help="with --method: the run's folder")
+    args = parser.parse_args()
+    if args.make_subset:
+        make_subset(args.make_subset, args.out, args.train, args.test)
+        return
+    if not args.data:
+        parser.error("give --data (or --make-subset)")
+
+    if args.method:
+        epochs = args.epochs if args.method == "sgd" else args.stage_epochs
+        print(json.dumps(run(args.method, args.data, epochs, pathlib.Path(args.workdir))))
+        return
+
+    print(f"JAX {jax.__version__}, {jax.device_count()} × {jax.devices()[0].device_kind}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # One process per method: the device's peak-memory counter cannot be reset within a process.
+        for method in ("sgd", "greedy_dib"):
+            command = [
+                sys.executable,
+                __file__,
+                "--data",
+                args.data,
+                "--method",
+                method,
+                "--workdir",
+                f"{tmp}/{method}",
+            ]
+            command += ["--epochs", str(args.epochs), "--stage-epochs", str(args.stage_epochs)]
+            out = subprocess.run(command, capture_output=True, text=True, check=False)
+            if out.returncode:
+                sys.exit(f"{method} failed:\n{out.stderr[-3000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| method | test accuracy | images/s | wall (s) | compiled step (MiB) | device peak (MiB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        device_peak = f"{r['device_peak_bytes'] / 2**20:.0f}" if r["device_peak_bytes"] else "—"
+        print(
+            f"| {r['method']} | {100 * r['test_accuracy']:.2f}% | {r['images_per_second']:.0f} | "
+            f"{r['wall_seconds']:.0f} | {r['compiled_step_bytes'] / 2**20:.0f} | {device_peak} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
