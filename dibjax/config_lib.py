@@ -105,7 +105,7 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     # Every objective's options, so any can be overridden (e.g. --config.objective.dib.beta=0.01); only the section
     # of config.objective.name is read.
     config.objective.dib = ml_collections.ConfigDict(
-        {"beta": 0.005, "gamma": 0.0, "compression": "entropy", "alpha": 1.01, "width": "median", "pool": 4}
+        {"beta": 0.001, "gamma": 0.0, "compression": "entropy", "alpha": 1.01, "width": "median", "pool": 4}
     )
     config.objective.predsim = ml_collections.ConfigDict({"beta": 0.99})
     config.objective.hsic = ml_collections.ConfigDict({"lam": 100.0, "width": "median", "pool": 4})

@@ -125,7 +125,7 @@ class DIB:
       label_smoothing: label smoothing of the cross-entropy term.
     """
 
-    beta: float = 0.005
+    beta: float = 0.001
     gamma: float = 0.0
     compression: str = "entropy"
     alpha: float = 1.01
