@@ -89,11 +89,6 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) 
     )
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-    """Per-sample cross-entropy in float32 (bfloat16 logits would round the log-softmax to 3 digits)."""
-    return objectives.cross_entropy(logits, labels, label_smoothing)
-
-
 def stage_epochs(config: ml_collections.ConfigDict, num_stages: int) -> int | tuple[int, ...]:
     """Epochs per phase: ``train.stage_epochs`` for a sequential run when given, else ``train.num_epochs``."""
     given = tuple(config.train.get("stage_epochs", ()) or ())
@@ -182,7 +177,7 @@ class Trainer:
         mask = batch["mask"]
         out = {"count": jnp.sum(mask)}
         for k, head_logits in logits.items():
-            losses = cross_entropy(head_logits, batch["label"], 0.0)
+            losses = objectives.cross_entropy(head_logits, batch["label"])
             out[f"loss_sum/{k}"] = jnp.sum(jnp.where(mask, losses, 0))
             out[f"correct/{k}"] = jnp.sum((jnp.argmax(head_logits, -1) == batch["label"]) & mask)
         return out
