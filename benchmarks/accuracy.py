@@ -49,9 +49,10 @@ def main() -> None:
     if not folders:
         parser.error("give --cifar10 and/or --gtsrb")
     results: dict[tuple[str, str], list[dict]] = {}
-    for dataset, data_dir in folders.items():
-        for method in args.methods:
-            for seed in args.seeds:
+    # Seeds outermost, so that a protocol stopped early has every method at least once.
+    for seed in args.seeds:
+        for dataset, data_dir in folders.items():
+            for method in args.methods:
                 workdir = pathlib.Path(args.workdir) / f"{dataset}-{method}-s{seed}"
                 if args.table_only and not (workdir / "summary.json").exists():
                     continue
