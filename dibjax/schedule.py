@@ -114,6 +114,10 @@ class StagedNetwork:
 
     def __init__(self, model: models.StagedModel):
         self.num_stages = model.num_stages
+        # The units (layers, for the analysis) of every stage: names, and how many of the stage's layers each spans.
+        self.unit_layers = model.unit_layers
+        self.unit_names = tuple(name for names in model.stage_units for name in names)
+        self.unit_offsets = tuple(sum(len(c) for c in model.unit_layers[:k]) for k in range(model.num_stages))
         model.train()
         stage_split = [nnx.split(stage, nnx.Param, ...) for stage in model.stages]
         head_split = [nnx.split(head, nnx.Param, ...) for head in model.heads]
@@ -133,6 +137,40 @@ class StagedNetwork:
         module = nnx.merge(graphdef, params[kind][k], extra[kind][k], copy=True)
         y = module(x)
         return y, nnx.state(module, nnx.Not(nnx.Param)) if train else extra[kind][k]
+
+    def unit_outputs(self, params: dict, extra: dict, x: jax.Array) -> list[jax.Array]:
+        """The output of every unit of every stage on ``x``, in order, all modules in inference mode.
+
+        A stage that is not a :class:`~dibjax.models.layers.Chain` counts as one unit.
+        """
+        outputs, h = [], x
+        with models.native_convolutions():
+            for k in range(self.num_stages):
+                stage = nnx.merge(self.eval_defs["stages"][k], params["stages"][k], extra["stages"][k], copy=True)
+                layers = getattr(stage, "layers", None)
+                if layers is None:
+                    h = stage(h)
+                    outputs.append(h)
+                    continue
+                start = 0
+                for count in self.unit_layers[k]:
+                    for layer in layers[start : start + count]:
+                        h = layer(h)
+                    start += count
+                    outputs.append(h)
+        return outputs
+
+    def unit_norms(self, k: int, stage_tree) -> list[jax.Array]:
+        """Global norms of the parts of stage ``k``'s parameter tree (e.g. its gradient) that belong to each unit."""
+        counts = self.unit_layers[k]
+        if len(counts) == 1:
+            return [_global_norm(stage_tree)]
+        layers = stage_tree["layers"]
+        norms, start = [], 0
+        for count in counts:
+            norms.append(_global_norm([layers[i] for i in range(start, start + count) if i in layers]))
+            start += count
+        return norms
 
 
 def select(tree: dict, stages: Sequence[int], heads: Sequence[int]) -> dict:
@@ -216,7 +254,8 @@ def train_step(
 
     Returns the new state and the batch's metrics, each an array over the stages: ``loss``, ``correct`` (right
     predictions of the stage's head), ``grad_norm`` (global norm of the gradient of the stage's parameters,
-    head excluded) and one entry per objective term, all zero for stages the phase does not train; plus ``count``.
+    head excluded) and one entry per objective term, all zero for stages the phase does not train; plus ``count``
+    and ``unit_grad_norm``, the gradient norm of every unit of the network (zero where not trained).
     A step whose loss is not finite leaves the state as it was and records its index in ``nonfinite_step``.
     """
     num_stages = net.num_stages
@@ -255,9 +294,13 @@ def train_step(
         for name, value in out["terms"].items():
             metrics.setdefault(name, zeros)
             metrics[name] = metrics[name].at[k].set(value.astype(jnp.float32))
+    unit_norms = [jnp.zeros((), jnp.float32)] * len(net.unit_names)
     for g in groups:
         for k in members[g][0]:
             metrics["grad_norm"] = metrics["grad_norm"].at[k].set(_global_norm(grads[g]["stages"][k]))
+            for u, norm in enumerate(net.unit_norms(k, grads[g]["stages"][k])):
+                unit_norms[net.unit_offsets[k] + u] = norm
+    metrics["unit_grad_norm"] = jnp.stack(unit_norms)
     metrics["count"] = jnp.asarray(labels.shape[0], jnp.float32)
     return new_state, metrics
 

@@ -16,9 +16,13 @@ Files written in ``workdir``:
   the stage's head on the training batches), ``test_loss``, ``test_accuracy`` (of the network up to that stage with
   its head), ``images_per_second``, ``seconds``, ``learning_rate``, ``grad_norm`` (mean over the epoch's steps of the
   norm of the gradient of the stage's parameters; end to end, ``grad_norms`` lists every stage's) and every term of
-  the objective averaged over the epoch (``ce``, ``H_T``, ``I_XT``, ``I_TY``, ...).
-* ``checkpoints/``: orbax checkpoints after every epoch; rerunning the same command resumes
+  the objective averaged over the epoch (``ce``, ``H_T``, ``I_XT``, ``I_TY``, ...), and ``elapsed_seconds`` (wall
+  time of the run so far, over every invocation that contributed a kept epoch).
+* ``checkpoints/``: orbax checkpoints after every epoch (the last two kept; with ``config.analysis.enabled`` also
+  those of the analysed epochs, 0 being the initial state); rerunning the same command resumes
   from the latest and continues exactly as an uninterrupted run would, inside any stage.
+* with ``config.analysis.enabled``: ``gradient_norms.jsonl`` (per epoch, every step's gradient norm of every unit
+  of the network), then at the end ``analysis.json`` and ``figures/`` (:mod:`dibjax.analysis`).
 * ``summary.json``: ``test_accuracy`` (the classifier: the last stage with its head), ``stage_accuracies`` (every
   head's final test accuracy, for layer-wise schedules), ``wall_seconds``, ``train_step_peak_bytes`` (XLA's memory
   analysis of the compiled training step; the largest over the phases, each listed in ``phase_peak_bytes``).
@@ -38,6 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import threadpoolctl
@@ -46,7 +51,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dibjax import data, models, objectives, schedule
+from dibjax import analysis, data, models, objectives, schedule
 
 # Fields that do not change what a run computes, so resuming may differ in them.
 _RESUMABLE_FIELDS = {("train", "overwrite"), ("train", "progress"), ("train", "log_every_steps")}
@@ -229,7 +234,8 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
         differences = {
             ".".join(k): (saved_flat.get(k), current_flat.get(k))
             for k in set(saved_flat) | set(current_flat)
-            if k not in _RESUMABLE_FIELDS and saved_flat.get(k) != current_flat.get(k)
+            # The analysis reads the run without changing it, so its settings may change between invocations.
+            if k not in _RESUMABLE_FIELDS and k[0] != "analysis" and saved_flat.get(k) != current_flat.get(k)
         }
         if differences and not config.train.overwrite:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(differences.items()))
@@ -238,7 +244,8 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
                 "use another workdir, or pass --config.train.overwrite=True to start over"
             )
         if differences:
-            for name in ("checkpoints", "metrics.jsonl", "summary.json"):
+            run_files = ("checkpoints", "metrics.jsonl", "summary.json", analysis.GRADIENT_FILE, analysis.ANALYSIS_FILE)
+            for name in run_files:
                 path = workdir / name
                 if path.is_dir():
                     shutil.rmtree(path)
@@ -271,6 +278,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     num_stages = len(models.stage_sizes(_model_config(config.model)))
     schedule.make_phases(config.schedule, num_stages, stage_epochs(config, num_stages))
     _stage_learning_rates(config, schedule.num_groups(config.schedule, num_stages))
+    if "analysis" in config:
+        analysis.check_options({**analysis.default_options(), **config.analysis.to_dict()})
+        if config.analysis.enabled and not config.train.checkpoint:
+            raise ValueError("analysis.enabled=True analyses the run's checkpoints: it needs train.checkpoint=True")
     minimum = objectives.minimum_batch_size(objective)
     if config.train.batch_size < minimum:
         raise ValueError(
@@ -317,7 +328,7 @@ def _epoch_records(
     """The metrics.jsonl records of one epoch: one per stage the phase trains (one with stage None end to end)."""
     num_stages = trainer.num_stages
     seconds, train_seconds, step_in_phase = totals.pop("_seconds"), totals.pop("_train_seconds"), totals.pop("_steps")
-    terms = [name for name in totals if name not in ("loss", "correct", "count", "grad_norm")]
+    terms = [name for name in totals if name not in ("loss", "correct", "count", "grad_norm", "unit_grad_norm")]
     records = []
     for k in schedule.evaluated_heads(phase, num_stages):
         group = 0 if phase.schedule == "end_to_end" else k  # the optimizer of the stage's parameter group
@@ -377,15 +388,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathli
     steps = data.steps_per_epoch(len(train_ds), config.train.batch_size)
     trainer = Trainer(config, info, steps)
     state = jax.device_put(trainer.initial_state, trainer.replicated)
+    total_epochs = sum(phase.num_epochs for phase in trainer.phases)
 
-    manager = ocp.CheckpointManager(
-        workdir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-    )
+    analyse = "analysis" in config and config.analysis.enabled
+    # The analysis reads the checkpoints of its epochs (0: the initial state), so those are kept.
+    kept = set(analysis.analysis_epochs(config.analysis.epochs, total_epochs)) if analyse else set()
+    if analyse:
+        policies = ocp.checkpoint_managers.preservation_policy
+        policy = policies.AnyPreservationPolicy([policies.LatestN(2), policies.CustomSteps(kept)])
+        keep = {"preservation_policy": policy}
+    else:
+        keep = {"max_to_keep": 2}
+    manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(create=True, **keep))
     first_epoch = 0
     if manager.latest_step() is not None:
         first_epoch = manager.latest_step()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = manager.restore(first_epoch, args=ocp.args.StandardRestore(abstract))
+    elif 0 in kept:
+        manager.save(0, args=ocp.args.StandardSave(state))
 
     metrics_path = workdir / "metrics.jsonl"
     records = []
@@ -393,9 +414,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathli
         records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         records = [r for r in records if r["epoch"] < first_epoch]
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Wall time counts every invocation that contributed a kept epoch (not the work an interruption lost).
+    elapsed_before = records[-1].get("elapsed_seconds", 0.0) if records else 0.0
+    gradient_path = workdir / analysis.GRADIENT_FILE
+    if gradient_path.exists():
+        kept_lines = [line for line in gradient_path.read_text().splitlines() if line.strip()]
+        kept_lines = [line for line in kept_lines if json.loads(line)["epoch"] < first_epoch]
+        gradient_path.write_text("".join(line + "\n" for line in kept_lines))
 
     sample_batch = trainer.shard(next(data.train_batches(train_ds, config.train.batch_size, seed=config.seed, epoch=0)))
-    total_epochs = sum(phase.num_epochs for phase in trainer.phases)
     peak_bytes: list[int | None] = []
     epoch = 0
     try:
@@ -409,6 +436,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathli
                     continue
                 epoch_start = time.perf_counter()
                 totals = None
+                unit_grad_norms = []
                 bar = tqdm.tqdm(
                     data.train_batches(train_ds, config.train.batch_size, seed=config.seed, epoch=epoch),
                     total=steps,
@@ -420,6 +448,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathli
                 for i, batch in enumerate(bar):
                     state, metrics = train_step(state, trainer.shard(batch))
                     totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+                    if analyse:
+                        unit_grad_norms.append(metrics["unit_grad_norm"])
                     if (i + 1) % config.train.log_every_steps == 0 or i + 1 == steps:
                         host = jax.device_get(totals)
                         _stop_if_nonfinite(state, phase, phase_epoch, epoch, steps)
@@ -436,9 +466,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathli
                 host["_seconds"] = time.perf_counter() - epoch_start
                 host["_steps"] = (phase_epoch + 1) * steps
                 epoch_records = _epoch_records(trainer, phase, epoch, phase_epoch, host, steps, test)
+                for r in epoch_records:
+                    r["elapsed_seconds"] = elapsed_before + time.perf_counter() - start
                 records.extend(epoch_records)
                 with metrics_path.open("a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in epoch_records)
+                if analyse:
+                    norms = np.stack(jax.device_get(unit_grad_norms)).tolist()
+                    with gradient_path.open("a") as f:
+                        f.write(json.dumps({"epoch": epoch, "stage": phase.stage, "norms": norms}) + "\n")
                 for r in epoch_records:
                     where = "" if r["stage"] is None else f"stage {r['stage']} "
                     print(
@@ -457,7 +493,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathli
     summary = _summary(trainer, records)
     summary.update(
         {
-            "wall_seconds": time.perf_counter() - start,
+            "wall_seconds": elapsed_before + time.perf_counter() - start,
             "train_step_peak_bytes": max((b for b in peak_bytes if b is not None), default=None),
             "phase_peak_bytes": peak_bytes,
             "num_epochs": total_epochs,
@@ -465,6 +501,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathli
         }
     )
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if analyse:
+        analysis_start = time.perf_counter()
+        analysis.analyze_run(workdir, trainer, train_ds)
+        summary["analysis_seconds"] = time.perf_counter() - analysis_start
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -149,7 +149,9 @@ def test_sequential_training_leaves_other_stages_bit_identical(net):
     # BatchNorm statistics of the trained stage moved; the frozen stages' did not (checked above).
     assert not leaves_equal(before["extra"]["stages"][2], state["extra"]["stages"][2])
     assert float(metrics["grad_norm"][2]) > 0 and float(metrics["grad_norm"][0]) == 0.0
-    assert set(metrics) == {"loss", "correct", "grad_norm", "count", "ce", "H_T", "I_prev", "I_TY"}
+    assert set(metrics) == {"loss", "correct", "grad_norm", "count", "ce", "H_T", "I_prev", "I_TY", "unit_grad_norm"}
+    # Only the trained stage's units have a gradient (one unit per stage here).
+    np.testing.assert_array_equal(np.asarray(metrics["unit_grad_norm"]) > 0, np.arange(NUM_STAGES) == 2)
 
 
 def test_simultaneous_training_updates_every_stage_with_its_own_optimizer_state(net):

@@ -23,6 +23,7 @@ RECORD_KEYS = {
     "seconds",
     "learning_rate",
     "phase_epoch",
+    "elapsed_seconds",
 }
 
 
@@ -115,6 +116,11 @@ def test_resuming_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path,
     jax.tree.map(np.testing.assert_array_equal, straight, resumed)
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+    # The wall time carries over from the interrupted invocation's kept epoch.
+    records = [json.loads(line) for line in lines]
+    elapsed = [r["elapsed_seconds"] for r in records]
+    assert all(elapsed[i] >= elapsed[i - 1] + records[i]["seconds"] for i in (1, 2))
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["wall_seconds"] >= elapsed[-1]
 
 
 def test_workdir_of_another_config_is_refused_unless_overwrite(tiny_data, tmp_path):

@@ -152,12 +152,13 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
 
     arch = architecture_for(name, width, batchnorm=batchnorm, dtype=dtype, rngs=rngs)
 
-    stages, heads, stage_units, start = [], [], [], 0
+    stages, heads, stage_units, unit_layers, start = [], [], [], [], 0
     for size in sizes:
         units = arch.units[start : start + size]
         start += size
         stages.append(Chain([layer for unit in units for layer in unit.layers]))
         stage_units.append(tuple(unit.name for unit in units))
+        unit_layers.append(tuple(len(unit.layers) for unit in units))
         out_features = units[-1].out_features
         if head == "linear":
             heads.append(LinearHead(out_features, num_classes, dtype=dtype, rngs=rngs))
@@ -173,4 +174,4 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
                     rngs=rngs,
                 )
             )
-    return StagedModel(stages, heads, stage_units=stage_units)
+    return StagedModel(stages, heads, stage_units=stage_units, unit_layers=unit_layers)

@@ -28,6 +28,8 @@ class StagedModel(nnx.Module):
       stages: ``nnx.List`` of the stage modules.
       heads: ``nnx.List`` of the head modules, one per stage.
       stage_units: for each stage, the names of the architectural units it contains (for logging).
+      unit_layers: for each stage, how many of its consecutive layers (``stage.layers`` of a
+        :class:`~dibjax.models.layers.Chain`) make up each of its units; one layer per unit unless given.
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class StagedModel(nnx.Module):
         heads: Sequence[nnx.Module],
         *,
         stage_units: Sequence[Sequence[str]] | None = None,
+        unit_layers: Sequence[Sequence[int]] | None = None,
     ):
         if len(stages) == 0:
             raise ValueError("a StagedModel needs at least one stage, got 0")
@@ -48,6 +51,12 @@ class StagedModel(nnx.Module):
         self.stages = nnx.List(stages)
         self.heads = nnx.List(heads)
         self.stage_units: tuple[tuple[str, ...], ...] = tuple(tuple(names) for names in stage_units)
+        if unit_layers is None:
+            unit_layers = [(1,) * len(names) for names in self.stage_units]
+        unit_layers = tuple(tuple(int(c) for c in counts) for counts in unit_layers)
+        if [len(c) for c in unit_layers] != [len(names) for names in self.stage_units]:
+            raise ValueError(f"unit_layers {unit_layers} does not give one layer count per unit of {self.stage_units}")
+        self.unit_layers: tuple[tuple[int, ...], ...] = unit_layers
 
     @property
     def num_stages(self) -> int:

@@ -1,0 +1,370 @@
+"""Information-theoretic analysis of a training run, on a fixed probe batch, at the epochs of its checkpoints.
+
+For every analysed epoch ``e`` and every unit (layer) ``k`` of the network, with ``T_k`` the unit's output on the
+probe images (every BatchNorm in inference mode), ``X`` the normalised probe images and ``Y`` their labels:
+
+* the **mutual-information matrix** ``M_ij = I_α(Z_i; Z_j)`` over ``Z = (X, T_1, ..., T_L, Y)``, from one batched
+  call of :func:`dibjax.entropy.mutual_information_matrix` (diagonal: ``S_α(Z_i)``), as in Yu, Wickstrøm, Jenssen &
+  Príncipe, "Understanding Convolutional Neural Networks With Information Theory: An Initial Exploration", IEEE
+  TNNLS 32(1), 2021;
+* the **information plane** ``(I(X; T_k), I(T_k; Y))``, read off ``M`` (Shwartz-Ziv & Tishby, "Opening the Black
+  Box of Deep Neural Networks via Information", 2017);
+* the **data-processing inequality** along the chain ``X → T_1 → … → T_L``: for ``a < b < c`` on the chain
+  ``I(Z_a; Z_c) ≤ min(I(Z_a; Z_b), I(Z_b; Z_c))``, and ``I(T_k; Y) ≤ I(T_{k-1}; Y)`` (``T_0 = X``), since ``Y → X →
+  T_1 → …``; every violation larger than a tolerance is listed (the estimator is not bound to obey it);
+* the **similarity of T_k at epoch e to T_k at the end of training**, two ways: the normalised mutual information
+  ``I_α(A; F) / sqrt(I_α(A; A) I_α(F; F))``, every term from the same Hadamard-product estimator, so that a
+  representation compared with itself scores exactly 1; and linear CKA (Kornblith, Norouzi, Lee & Hinton,
+  "Similarity of Neural Network Representations Revisited", ICML 2019). A unit's **convergence epoch** is the first
+  analysed epoch from which its similarity to the final representation stays at or above a threshold;
+* per-step gradient norms of every unit, recorded by the training loop (``gradient_norms.jsonl``).
+
+Conventions are those of :mod:`dibjax.entropy`: Gaussian kernel ``exp(-||x - x'||² / (2σ²))`` on the flattened
+samples with σ from a width rule (median heuristic by default) for ``X`` and every ``T_k``, the label kernel for
+``Y``, Gram matrices normalised to unit trace, α = 1.01, entropies in bits, every eigenvalue computed exactly
+(``eigh``). The probe batch is a fixed, seeded sample of the training images, without augmentation.
+
+:func:`analyze_run` runs it on a workdir's checkpoints; the training loop calls it when ``config.analysis.enabled``
+(and then keeps the checkpoints of the analysed epochs, epoch 0 being the initialisation), and
+``python -m dibjax.analyze --workdir=DIR`` calls it on a finished run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dibjax import data, entropy
+
+ANALYSIS_FILE = "analysis.json"
+GRADIENT_FILE = "gradient_norms.jsonl"
+
+
+def analysis_epochs(epochs: Sequence[int], total_epochs: int) -> tuple[int, ...]:
+    """The checkpoint steps (epochs completed) to analyse: ``epochs`` if given, else ``0 .. total_epochs``.
+
+    Epoch 0 is the initialisation; the last epoch is always included, since every similarity is taken to it.
+    """
+    if not epochs:
+        return tuple(range(total_epochs + 1))
+    bad = [e for e in epochs if not isinstance(e, int | np.integer) or not 0 <= e <= total_epochs]
+    if bad:
+        raise ValueError(f"analysis.epochs {tuple(epochs)} holds {bad}: epochs must be integers in 0..{total_epochs}")
+    return tuple(sorted(set(int(e) for e in epochs) | {total_epochs}))
+
+
+def probe_indices(num_examples: int, size: int, seed: int) -> np.ndarray:
+    """A fixed sample of ``size`` training indices (sorted), the same for every epoch of a run."""
+    if not 2 <= size <= num_examples:
+        raise ValueError(f"analysis.probe_size={size} must be between 2 and the {num_examples} training images")
+    return np.sort(np.random.default_rng(seed).choice(num_examples, size, replace=False))
+
+
+def linear_cka(K: jax.Array, L: jax.Array) -> jax.Array:
+    """Linear CKA of two linear-kernel Gram matrices ``K = X Xᵀ`` and ``L = Y Yᵀ`` of one batch.
+
+    ``CKA = ⟨HKH, HLH⟩_F / (‖HKH‖_F ‖HLH‖_F)`` with ``H = I - 11ᵀ/n`` (Kornblith et al. 2019, Eq. 4 with the linear
+    kernel); 1 for representations equal up to an orthogonal transform and isotropic scaling.
+    """
+    Kc, Lc = _double_center(K), _double_center(L)
+    return jnp.sum(Kc * Lc) / jnp.sqrt(jnp.sum(Kc * Kc) * jnp.sum(Lc * Lc))
+
+
+def _double_center(K: jax.Array) -> jax.Array:
+    return K - K.mean(0, keepdims=True) - K.mean(1, keepdims=True) + K.mean()
+
+
+def dpi_violations(mi: np.ndarray, tolerance: float) -> dict[str, Any]:
+    """Checks the data-processing inequality on a mutual-information matrix over ``(X, T_1, ..., T_L, Y)``.
+
+    Returns the number of inequalities ``checked``, the ``violations`` larger than ``tolerance`` (bits), each as
+    ``{"inequality": text, "excess": bits}``, ``holds`` (no violation) and the ``largest_excess`` over all of them
+    (negative when every inequality holds with room to spare).
+    """
+    mi = np.asarray(mi, dtype=np.float64)
+    last = mi.shape[0] - 1  # Y
+    names = ["X"] + [f"T{k}" for k in range(1, last)] + ["Y"]
+    checks = []
+    for a, b, c in itertools.combinations(range(last), 3):
+        checks.append((f"I({names[a]};{names[c]}) <= I({names[a]};{names[b]})", mi[a, c] - mi[a, b]))
+        checks.append((f"I({names[a]};{names[c]}) <= I({names[b]};{names[c]})", mi[a, c] - mi[b, c]))
+    for k in range(1, last):
+        checks.append((f"I({names[k]};Y) <= I({names[k - 1]};Y)", mi[k, last] - mi[k - 1, last]))
+    violations = [{"inequality": text, "excess": float(excess)} for text, excess in checks if excess > tolerance]
+    return {
+        "checked": len(checks),
+        "violations": violations,
+        "holds": not violations,
+        "largest_excess": float(max(excess for _, excess in checks)) if checks else 0.0,
+    }
+
+
+def convergence_epoch(epochs: Sequence[int], similarity: Sequence[float], threshold: float) -> int | None:
+    """The first of ``epochs`` from which ``similarity`` stays at or above ``threshold`` up to the end."""
+    result = None
+    for epoch, value in zip(reversed(list(epochs)), reversed(list(similarity)), strict=True):
+        if not value >= threshold:
+            break
+        result = epoch
+    return result
+
+
+class ProbeAnalysis:
+    """The compiled computations of the analysis for one network, probe batch and estimator setting.
+
+    The probe batch is passed to the compiled functions as an argument (a constant would be folded into the
+    program at compile time, which is slow), and the Gram matrices of ``X`` and ``Y``, the same at every epoch,
+    are computed once. An epoch is three compiled steps: the units' Gram matrices, the MI matrix, the
+    similarities to the final representations.
+    """
+
+    def __init__(
+        self, net, info: data.DatasetInfo, images: np.ndarray, labels: np.ndarray, *, alpha: float, width: str
+    ):
+        self.net = net
+        self.info = info
+        self.alpha = alpha
+        self.width = width
+        self.images = jnp.asarray(images)
+        self._grams = jax.jit(self._grams_fn)
+        self._mi_matrix = jax.jit(lambda grams: entropy.mutual_information_matrix(grams, self.alpha, method="eigh"))
+        self._spectra = jax.jit(self._spectra_fn)
+        self._similarity = jax.jit(self._similarity_fn)
+        x = data.normalize(self.images, info)
+        label = entropy.label_gram(jnp.asarray(labels), info.num_classes)
+        self.input_grams = jax.jit(lambda x, label: jnp.stack([self._rbf(x), entropy.normalize_gram(label)]))(x, label)
+
+    def _rbf(self, z):
+        return entropy.normalize_gram(entropy.gram_matrix(z, width=self.width))
+
+    def _linear(self, z):
+        z = z.reshape(z.shape[0], -1)
+        return jnp.matmul(z, z.T, precision=jax.lax.Precision.HIGHEST)
+
+    def _entropy(self, A):
+        return entropy.renyi_entropy(A, self.alpha, method="eigh")
+
+    def _self_information(self, A):
+        # I(A; A) under the Hadamard joint estimator: 2 S(A) - S(A ∘ A / tr).
+        return 2 * self._entropy(A) - entropy.joint_entropy(A, A, alpha=self.alpha, method="eigh")
+
+    def _grams_fn(self, params, extra, images):
+        outputs = self.net.unit_outputs(params, extra, data.normalize(images, self.info))
+        # Every quantity is estimated in float32, whatever precision the network computed in.
+        outputs = [t.astype(jnp.float32) for t in outputs]
+        return {
+            "rbf": jnp.stack([self._rbf(t) for t in outputs]),
+            "linear": jnp.stack([self._linear(t) for t in outputs]),
+        }
+
+    def _spectra_fn(self, rbf):
+        return {"entropy": jax.vmap(self._entropy)(rbf), "self_mi": jax.vmap(self._self_information)(rbf)}
+
+    def _similarity_fn(self, grams, entropies, reference):
+        def to_final(A, F, entropy_a, entropy_f, self_f):
+            cross = entropy_a + entropy_f - entropy.joint_entropy(A, F, alpha=self.alpha, method="eigh")
+            return cross / jnp.sqrt(self._self_information(A) * self_f)
+
+        final = reference["grams"]
+        nmi = jax.vmap(to_final)(
+            grams["rbf"], final["rbf"], entropies, reference["spectra"]["entropy"], reference["spectra"]["self_mi"]
+        )
+        cka = jax.vmap(linear_cka)(grams["linear"], final["linear"])
+        return {"normalized_mi": nmi, "cka": cka}
+
+    def reference(self, params, extra) -> dict:
+        """The final representations' Gram matrices and entropies, to which every epoch is compared."""
+        grams = self._grams(params, extra, self.images)
+        return {"grams": grams, "spectra": self._spectra(grams["rbf"])}
+
+    def epoch(self, params, extra, reference) -> dict:
+        """The MI matrix over (X, T_1, ..., T_L, Y) and every unit's similarity to ``reference``."""
+        grams = self._grams(params, extra, self.images)
+        stack = jnp.concatenate([self.input_grams[:1], grams["rbf"], self.input_grams[1:]])
+        mi = self._mi_matrix(stack)
+        similarity = self._similarity(grams, jnp.diagonal(mi)[1:-1], reference)
+        return {"mi": mi, **similarity}
+
+
+def _analysis_options(config) -> dict:
+    options = config.get("analysis") if hasattr(config, "get") else None
+    defaults = default_options()
+    if options is None:
+        return defaults
+    return {name: options.get(name, value) for name, value in defaults.items()}
+
+
+def default_options() -> dict:
+    """The ``config.analysis`` fields and their defaults (see :mod:`dibjax.config_lib`)."""
+    return {
+        "enabled": False,
+        "probe_size": 512,
+        "epochs": (),
+        "alpha": 1.01,
+        "width": "median",
+        "threshold": 0.9,
+        "dpi_tolerance": 0.0,
+        "heatmap_epochs": (),
+        "figures": True,
+    }
+
+
+def check_options(options: dict) -> None:
+    """Refuses bad ``config.analysis`` values before any training starts."""
+    if options["width"] not in entropy.WIDTH_RULES:
+        raise ValueError(f"unknown analysis.width {options['width']!r}; accepted: {', '.join(entropy.WIDTH_RULES)}")
+    if not (isinstance(options["alpha"], int | float) and options["alpha"] > 0 and options["alpha"] != 1):
+        raise ValueError(f"analysis.alpha must be a number > 0 other than 1, got {options['alpha']!r}")
+    if not isinstance(options["probe_size"], int) or options["probe_size"] < 2:
+        raise ValueError(f"analysis.probe_size must be an integer >= 2, got {options['probe_size']!r}")
+    if not 0 < options["threshold"] <= 1:
+        raise ValueError(f"analysis.threshold must lie in (0, 1], got {options['threshold']!r}")
+
+
+def analyze_run(
+    workdir: str | pathlib.Path,
+    trainer,
+    train_ds: data.ArrayDataset,
+    *,
+    epochs: Sequence[int] | None = None,
+    figures: bool | None = None,
+) -> dict[str, Any]:
+    """Analyses the checkpoints in ``workdir`` of the run ``trainer`` was built for; writes ``analysis.json``.
+
+    Every checkpoint step present (restricted to ``epochs`` or ``config.analysis.epochs`` when given) is analysed;
+    the latest is the reference "end of training". Also writes the figures to ``workdir/figures`` unless told not to.
+    Returns what it wrote.
+    """
+    import orbax.checkpoint as ocp
+
+    workdir = pathlib.Path(workdir).absolute()
+    config = trainer.config
+    options = _analysis_options(config)
+    check_options(options)
+    chosen = tuple(epochs) if epochs is not None else tuple(options["epochs"])
+    checkpoints = workdir / "checkpoints"
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.initial_state)
+
+    def restore(step):
+        # Only the parameters and statistics, fetched to host memory (one epoch's worth at a time).
+        with ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(create=False)) as manager:
+            state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            return jax.device_get({"params": state["params"], "extra": state["extra"]})
+
+    with ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(create=False)) as manager:
+        steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {checkpoints}: nothing to analyse")
+    final = steps[-1]
+    if chosen:
+        missing = sorted(set(chosen) - set(steps))
+        if missing:
+            raise ValueError(f"epochs {missing} have no checkpoint in {workdir}; checkpoints exist for {steps}")
+        steps = sorted(set(chosen) | {final})
+
+    index = probe_indices(len(train_ds), options["probe_size"], config.seed)
+    probe = ProbeAnalysis(
+        trainer.net,
+        trainer.info,
+        train_ds.images[index],
+        train_ds.labels[index],
+        alpha=options["alpha"],
+        width=options["width"],
+    )
+    start = time.perf_counter()
+    final_state = restore(final)
+    reference = jax.device_get(probe.reference(final_state["params"], final_state["extra"]))
+    reference_seconds = time.perf_counter() - start
+
+    per_epoch, seconds = [], []
+    for step in steps:
+        start = time.perf_counter()
+        state = restore(step)
+        per_epoch.append(jax.device_get(probe.epoch(state["params"], state["extra"], reference)))
+        seconds.append(time.perf_counter() - start)
+
+    epochs_done = list(steps)
+    mi = [np.asarray(o["mi"], np.float64) for o in per_epoch]
+    nmi = [np.asarray(o["normalized_mi"], np.float64) for o in per_epoch]
+    cka = [np.asarray(o["cka"], np.float64) for o in per_epoch]
+    num_units = len(trainer.net.unit_names)
+    result = {
+        "layers": list(trainer.net.unit_names),
+        "epochs": epochs_done,
+        "probe_size": options["probe_size"],
+        "alpha": options["alpha"],
+        "width": options["width"],
+        "threshold": options["threshold"],
+        "mi_matrices": [m.tolist() for m in mi],
+        "I_XT": [m[0, 1 : num_units + 1].tolist() for m in mi],
+        "I_TY": [m[1 : num_units + 1, -1].tolist() for m in mi],
+        "H_T": [np.diagonal(m)[1 : num_units + 1].tolist() for m in mi],
+        "normalized_mi_to_final": [v.tolist() for v in nmi],
+        "cka_to_final": [v.tolist() for v in cka],
+        "convergence_epoch": {
+            name: [
+                convergence_epoch(epochs_done, [float(v[k]) for v in values], options["threshold"])
+                for k in range(num_units)
+            ]
+            for name, values in (("normalized_mi", nmi), ("cka", cka))
+        },
+        "dpi": [dpi_violations(m, options["dpi_tolerance"]) for m in mi],
+        "seconds": {
+            "reference": reference_seconds,
+            # The first epoch includes the compilation of the analysis.
+            "per_epoch": seconds,
+            "steady_per_epoch": float(np.median(seconds[1:])) if len(seconds) > 1 else seconds[0],
+        },
+    }
+    training_seconds = _training_seconds_per_epoch(workdir)
+    if training_seconds:
+        result["seconds"]["training_per_epoch"] = training_seconds
+        result["seconds"]["analysis_over_training"] = result["seconds"]["steady_per_epoch"] / training_seconds
+    (workdir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1))
+    if figures if figures is not None else options["figures"]:
+        from dibjax import plots
+
+        plots.run_figures(workdir, result, read_gradient_norms(workdir), options["heatmap_epochs"])
+    return result
+
+
+def _training_seconds_per_epoch(workdir: pathlib.Path) -> float | None:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    seconds = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            seconds[record["epoch"]] = record["seconds"]  # one value per epoch, however many stages it trained
+    return float(np.median(list(seconds.values()))) if seconds else None
+
+
+def read_gradient_norms(workdir: str | pathlib.Path) -> list[dict]:
+    """The per-step, per-unit gradient norms recorded by the training loop, one record per epoch (or [])."""
+    path = pathlib.Path(workdir) / GRADIENT_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+__all__ = [
+    "ProbeAnalysis",
+    "analysis_epochs",
+    "analyze_run",
+    "check_options",
+    "convergence_epoch",
+    "default_options",
+    "dpi_violations",
+    "linear_cka",
+    "probe_indices",
+    "read_gradient_norms",
+]

@@ -1,0 +1,36 @@
+"""Every notebook runs top to bottom on CPU at its tiny setting (``DIBJAX_NOTEBOOK_TINY=1``)."""
+
+import pathlib
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+def test_the_three_notebooks_exist():
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_entropy_quickstart.ipynb",
+        "02_greedy_dib_cifar10.ipynb",
+        "03_information_plane.ipynb",
+    ]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_at_its_tiny_setting(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIBJAX_NOTEBOOK_TINY", "1")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    notebook = nbformat.read(path, as_version=4)
+    # Runs in a scratch folder: the notebooks write their runs under ./runs.
+    NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    errors = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if output.output_type == "error"
+    ]
+    assert not errors
