@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from dibjax import data, entropy
 
@@ -243,8 +244,6 @@ def analyze_run(
     the latest is the reference "end of training". Also writes the figures to ``workdir/figures`` unless told not to.
     Returns what it wrote.
     """
-    import orbax.checkpoint as ocp
-
     workdir = pathlib.Path(workdir).absolute()
     config = trainer.config
     options = _analysis_options(config)
