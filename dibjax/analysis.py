@@ -204,7 +204,18 @@ def _analysis_options(config) -> dict:
 
 
 def default_options() -> dict:
-    """The ``config.analysis`` fields and their defaults (see :mod:`dibjax.config_lib`)."""
+    """The ``config.analysis`` fields and their defaults.
+
+    * ``enabled``: analyse the run at its end; the checkpoints of the analysed epochs are then kept and every
+      step's per-unit gradient norms are written to ``gradient_norms.jsonl``.
+    * ``probe_size``: training images in the fixed probe batch; every entropy is computed exactly on them.
+    * ``epochs``: epochs to analyse (0: the initialisation); ``()`` every epoch; the last always.
+    * ``alpha``, ``width``: Rényi order and kernel-width rule of the estimator.
+    * ``threshold``: similarity to the final representation that counts as converged.
+    * ``dpi_tolerance``: bits by which an inequality may be broken before it is reported.
+    * ``heatmap_epochs``: MI-matrix heatmaps at these epochs; ``()`` first, middle and last.
+    * ``figures``: write ``figures/*.png``.
+    """
     return {
         "enabled": False,
         "probe_size": 512,

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from dibjax import analysis
+
 DATASETS = ("cifar10", "cifar100", "gtsrb")
 SIZES = ("full", "cpu", "smoke")
 METHODS = ("greedy_dib", "greedy_ce", "dgl", "predsim", "hsic", "sgd")
@@ -132,18 +134,8 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     config.train.overwrite = False  # start over in a workdir that holds another config's run
     config.train.progress = True
 
-    # Information-theoretic analysis of the run (dibjax.analysis), on the checkpoints of the analysed epochs, which
-    # are then kept; per-step gradient norms of every layer go to gradient_norms.jsonl.
-    config.analysis = ml_collections.ConfigDict()
-    config.analysis.enabled = False
-    config.analysis.probe_size = 512  # training images, fixed; every entropy is computed exactly on them
-    config.analysis.epochs = ()  # epochs to analyse (0: the initialisation); () every epoch; the last always
-    config.analysis.alpha = 1.01
-    config.analysis.width = "median"
-    config.analysis.threshold = 0.9  # similarity to the final representation that counts as converged
-    config.analysis.dpi_tolerance = 0.0  # bits by which an inequality may be broken before it is reported
-    config.analysis.heatmap_epochs = ()  # MI-matrix heatmaps at these epochs; () first, middle and last
-    config.analysis.figures = True
+    # Information-theoretic analysis of the run (dibjax.analysis, whose default_options documents every field).
+    config.analysis = ml_collections.ConfigDict(analysis.default_options())
 
     if method != "sgd":
         config.model.split = "layer"

@@ -297,9 +297,11 @@ def train_step(
     unit_norms = [jnp.zeros((), jnp.float32)] * len(net.unit_names)
     for g in groups:
         for k in members[g][0]:
-            metrics["grad_norm"] = metrics["grad_norm"].at[k].set(_global_norm(grads[g]["stages"][k]))
-            for u, norm in enumerate(net.unit_norms(k, grads[g]["stages"][k])):
-                unit_norms[net.unit_offsets[k] + u] = norm
+            norms = net.unit_norms(k, grads[g]["stages"][k])
+            unit_norms[net.unit_offsets[k] : net.unit_offsets[k] + len(norms)] = norms
+            # The stage's norm from its units' norms: one pass over the gradient.
+            stage_norm = jnp.sqrt(sum(jnp.square(norm) for norm in norms))
+            metrics["grad_norm"] = metrics["grad_norm"].at[k].set(stage_norm)
     metrics["unit_grad_norm"] = jnp.stack(unit_norms)
     metrics["count"] = jnp.asarray(labels.shape[0], jnp.float32)
     return new_state, metrics
