@@ -77,7 +77,8 @@ def mi_matrices(result: Mapping, path: str | pathlib.Path, epochs: Sequence[int]
     for ax, epoch, matrix in zip(axes, epochs, matrices, strict=True):
         image = ax.imshow(matrix, vmin=0, vmax=vmax, cmap="magma")
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
+        # Row names only on the first panel: the panels share them, and repeated labels run into the neighbour.
+        ax.set_yticks(range(len(names)), names if ax is axes[0] else [], fontsize=7)
         ax.set_title(f"I_α between layers, epoch {epoch}", fontsize=9)
     fig.colorbar(image, ax=list(axes), label="bits", shrink=0.8)
     return _save(fig, path)
@@ -101,8 +102,12 @@ def convergence(result: Mapping, path: str | pathlib.Path) -> pathlib.Path:
     x = np.arange(len(layers))
     measures = (("normalized_mi", "normalised I_α"), ("cka", "linear CKA"))
     for offset, (name, label) in zip((-0.2, 0.2), measures, strict=True):
-        values = [np.nan if e is None else e for e in result["convergence_epoch"][name]]
-        right.bar(x + offset, values, width=0.4, label=label)
+        epochs_reached = result["convergence_epoch"][name]
+        bars = right.bar(x + offset, [np.nan if e is None else e for e in epochs_reached], width=0.4, label=label)
+        # Written out, so that a layer similar from epoch 0 (a bar of height 0) or never (no bar) is still visible.
+        right.bar_label(bars, ["" if e is None else str(e) for e in epochs_reached], fontsize=7)
+        for k in (k for k, e in enumerate(epochs_reached) if e is None):
+            right.text(k + offset, 0, "never", ha="center", va="bottom", fontsize=7)
     right.set_xticks(x, layers, rotation=45, fontsize=7, ha="right")
     right.set_ylabel(f"convergence epoch (similarity ≥ {result['threshold']})")
     right.legend(fontsize=7)
@@ -116,18 +121,31 @@ def _steps_and_norms(records: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray
 
 
 def gradient_norms_axes(
-    ax, records: Sequence[Mapping], layers: Sequence[str], units: Sequence[int] | None = None, label: str = ""
+    ax,
+    records: Sequence[Mapping],
+    layers: Sequence[str],
+    units: Sequence[int] | None = None,
+    label: str = "",
+    own_steps: bool = False,
 ) -> None:
-    """Per-step gradient norms of ``units`` (default: all) on a log scale; steps not training a unit are left out."""
+    """Per-step gradient norms of ``units`` (default: all) on a log scale; steps not training a unit are left out.
+
+    With ``own_steps`` each layer is drawn against the count of steps that trained it, so that in a greedy run the
+    last layer's first step lines up with the first layer's (end to end, every step trains every layer).
+    """
     steps, norms = _steps_and_norms(records)
     units = range(norms.shape[1]) if units is None else units
     colors = _layer_colors(norms.shape[1])
     for u in units:
         u = u % norms.shape[1]
-        values = np.where(norms[:, u] > 0, norms[:, u], np.nan)
-        ax.plot(steps, values, lw=0.6, color=colors[u], label=f"{label}{layers[u]}")
+        trained = norms[:, u] > 0
+        if own_steps:
+            x, values = np.arange(1, trained.sum() + 1), norms[trained, u]
+        else:
+            x, values = steps, np.where(trained, norms[:, u], np.nan)
+        ax.plot(x, values, lw=0.6, color=colors[u], label=f"{label}{layers[u]}")
     ax.set_yscale("log")
-    ax.set_xlabel("training step")
+    ax.set_xlabel("steps that trained the layer" if own_steps else "training step")
     ax.set_ylabel("gradient norm")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
@@ -144,11 +162,12 @@ def gradient_norms_comparison(
     path: str | pathlib.Path,
     units: Sequence[int] = (0, -1),
 ) -> pathlib.Path:
-    """First and last layers' gradient norms per step for several runs (``{label: (records, layer names)}``)."""
+    """First and last layers' gradient norms for several runs (``{label: (records, layer names)}``), each layer
+    against the steps that trained it, on shared axes."""
     fig = Figure(figsize=(5.5 * len(runs), 4))
-    axes = fig.subplots(1, len(runs), sharey=True, squeeze=False)[0]
+    axes = fig.subplots(1, len(runs), sharex=True, sharey=True, squeeze=False)[0]
     for ax, (label, (records, layers)) in zip(axes, runs.items(), strict=True):
-        gradient_norms_axes(ax, records, layers, units)
+        gradient_norms_axes(ax, records, layers, units, own_steps=True)
         ax.set_title(label)
     return _save(fig, path)
 

@@ -248,3 +248,21 @@ def test_gradient_comparison_figure_is_written(tmp_path):
         {"a": (records, ["l1", "l2"]), "b": (records, ["l1", "l2"])}, tmp_path / "g.png"
     )
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gradient_curves_skip_untrained_steps_and_align_layers_by_their_own_steps():
+    from matplotlib.figure import Figure
+
+    # A greedy run of two stages: layer 1 trains in epoch 0 (norms of layer 2 are 0), layer 2 in epoch 1.
+    records = [
+        {"epoch": 0, "stage": 0, "norms": [[1.0, 0.0], [2.0, 0.0]]},
+        {"epoch": 1, "stage": 1, "norms": [[0.0, 3.0], [0.0, 4.0], [0.0, 5.0]]},
+    ]
+    for own_steps, expected_x in ((False, {0: [1, 2, 3, 4, 5], 1: [1, 2, 3, 4, 5]}), (True, {0: [1, 2], 1: [1, 2, 3]})):
+        ax = Figure().add_subplot()
+        plots.gradient_norms_axes(ax, records, ["l1", "l2"], own_steps=own_steps)
+        lines = ax.get_lines()
+        for unit, values in ((0, [1.0, 2.0]), (1, [3.0, 4.0, 5.0])):
+            np.testing.assert_array_equal(lines[unit].get_xdata(), expected_x[unit])
+            y = np.asarray(lines[unit].get_ydata(), np.float64)
+            np.testing.assert_array_equal(y[~np.isnan(y)], values)  # untrained steps are gaps, never zeros
