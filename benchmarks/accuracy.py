@@ -7,7 +7,8 @@ Each run is ``python -m dibjax.main --config=configs/DATASET.py:cpu,METHOD --con
 with the epochs of that config: every stage of a layer-wise method trains for as many epochs as ``sgd`` trains in
 total. Finished runs are kept in ``--workdir`` (one folder per data set, method and seed) and not rerun, so the
 protocol can be stopped and continued; the table is printed from whatever has finished. Accuracy is the mean over
-seeds ± half the range.
+seeds ± half the range; the heads' accuracies (each stage's auxiliary classifier, for the layer-wise methods)
+and the wall time are means over seeds.
 """
 
 from __future__ import annotations
@@ -60,16 +61,22 @@ def main() -> None:
                 results.setdefault((dataset, method), []).append(summary)
                 print(f"{dataset} {method} seed {seed}: {summary['test_accuracy']:.4f}", file=sys.stderr, flush=True)
 
-    print("\n| data set | method | epochs | test accuracy | seeds | wall (s) |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("\n| data set | method | epochs | test accuracy | per seed (%) | head accuracy per stage (%) | wall (s) |")
+    print("|---|---|---:|---:|---|---|---:|")
     for (dataset, method), runs in results.items():
         accuracies = [100 * r["test_accuracy"] for r in runs]
         spread = (max(accuracies) - min(accuracies)) / 2
         wall = statistics.mean(r["wall_seconds"] for r in runs)
-        print(
-            f"| {dataset} | {method} | {runs[0]['num_epochs']} | {statistics.mean(accuracies):.2f} ± {spread:.2f}% "
-            f"| {len(runs)} | {wall:.0f} |"
-        )
+        per_seed = " / ".join(f"{a:.2f}" for a in accuracies)
+        # End-to-end runs have one classifier and no per-stage heads.
+        if runs[0].get("stage_accuracies"):
+            per_stage = zip(*(r["stage_accuracies"] for r in runs), strict=True)
+            stage_means = [100 * statistics.mean(column) for column in per_stage]
+            heads = " / ".join(f"{a:.1f}" for a in stage_means)
+        else:
+            heads = "—"
+        accuracy = f"{statistics.mean(accuracies):.2f} ± {spread:.2f}%" if len(runs) > 1 else f"{accuracies[0]:.2f}%"
+        print(f"| {dataset} | {method} | {runs[0]['num_epochs']} | {accuracy} | {per_seed} | {heads} | {wall:.0f} |")
 
 
 if __name__ == "__main__":
