@@ -1,7 +1,7 @@
 """The accuracy protocol: every method on the small CNN (``cpu`` size), test accuracy and wall time over seeds.
 
-    python benchmarks/accuracy.py --cifar10 ../shared/data/cifar10 --gtsrb ../shared/data/gtsrb
-    python benchmarks/accuracy.py --cifar10 ../shared/data/cifar10 --methods sgd greedy_ce --seeds 0
+    python -m benchmarks.accuracy --cifar10 ../shared/data/cifar10 --gtsrb ../shared/data/gtsrb
+    python -m benchmarks.accuracy --cifar10 ../shared/data/cifar10 --methods sgd greedy_ce --seeds 0
 
 Each run is ``python -m dibjax.main --config=configs/DATASET.py:cpu,METHOD --config.seed=SEED`` on the npz data,
 with the epochs of that config: every stage of a layer-wise method trains for as many epochs as ``sgd`` trains in
@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from dibjax import config_lib, train  # noqa: E402
+from dibjax import config_lib, train
 
 
 def run(dataset: str, data_dir: str, method: str, seed: int, workdir: pathlib.Path) -> dict:

@@ -1,7 +1,7 @@
 """Choosing the default DIB setting on a validation split carved from the training data (never the test set).
 
-    python benchmarks/dib_sweep.py --data ../shared/data/cifar10                  # the whole grid
-    python benchmarks/dib_sweep.py --data ../shared/data/cifar10 --only ce entropy-0.005
+    python -m benchmarks.dib_sweep --data ../shared/data/cifar10                  # the whole grid
+    python -m benchmarks.dib_sweep --data ../shared/data/cifar10 --only ce entropy-0.005
 
 Every setting trains the small CNN (``configs/cifar10.py:cpu,greedy_dib``) greedily, stage by stage, for
 ``--epochs`` epochs per stage on the training images minus ``--validation`` held-out ones, and reports the final
@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from dibjax import config_lib, train  # noqa: E402
+from dibjax import config_lib, train
 
 # name: (objective, overrides of config.objective.dib)
 SETTINGS = {

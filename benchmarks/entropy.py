@@ -1,7 +1,7 @@
 """Speed (and SLQ accuracy) of dibjax.entropy against baselines run in the same process.
 
-    python benchmarks/entropy.py                  # full tables (several minutes on 2 CPU cores)
-    python benchmarks/entropy.py --quick          # small sizes, a smoke run
+    python -m benchmarks.entropy                  # full tables (several minutes on 2 CPU cores)
+    python -m benchmarks.entropy --quick          # small sizes, a smoke run
 
 Gram matrices come from real images: ``--data`` names a folder with ``train.npz``
 (``image`` uint8 N×H×W×3), by default ``../shared/data/cifar10``; without it, patches of
@@ -17,15 +17,13 @@ import itertools
 import math
 import os
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from dibjax import entropy as E  # noqa: E402
+from dibjax import entropy as E
 
 ALPHA = 1.01
 

@@ -1,7 +1,7 @@
 """A short accelerator check: VGG-11 trained with ``sgd`` and with ``greedy_dib`` on a CIFAR-10 subset.
 
-    python benchmarks/gpu_check.py --make-subset ../shared/data/cifar10 --out data-subset/cifar10   # on the host
-    python benchmarks/gpu_check.py --data data-subset/cifar10                                       # on the device
+    python -m benchmarks.gpu_check --make-subset ../shared/data/cifar10 --out data-subset/cifar10   # on the host
+    python -m benchmarks.gpu_check --data data-subset/cifar10                                       # on the device
 
 The first command writes a class-balanced subset (``--train`` and ``--test`` images, default 8,000 and 2,000) in
 the npz layout, small enough to travel with a working tree. The second trains VGG-11 end to end for ``--epochs``
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -23,8 +22,7 @@ import tempfile
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from dibjax import config_lib, train  # noqa: E402
+from dibjax import config_lib, train
 
 
 def make_subset(source: str, out: str, train_size: int, test_size: int) -> None:
@@ -48,7 +46,7 @@ def run(method: str, data_dir: str, epochs: int, workdir: pathlib.Path) -> dict:
     config.train.progress = False
     summary = train.train_and_evaluate(config, workdir)
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    speeds = [r["images_per_second"] for r in records if r["phase_epoch"] > 0] or [records[-1]["images_per_second"]]
+    speeds = [r["images_per_second"] for r in records if r["phase_epoch"] > 1] or [records[-1]["images_per_second"]]
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "method": method,
@@ -90,7 +88,8 @@ def main() -> None:
         for method in ("sgd", "greedy_dib"):
             command = [
                 sys.executable,
-                __file__,
+                "-m",
+                "benchmarks.gpu_check",
                 "--data",
                 args.data,
                 "--method",

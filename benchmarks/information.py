@@ -1,8 +1,8 @@
 """The analysis experiments: layer convergence and the DPI under SGD, the information plane of greedy DIB against
 end-to-end training, and gradient health in a deep plain network.
 
-    python benchmarks/information.py --data ../shared/data/cifar10
-    python benchmarks/information.py --data ../shared/data/cifar10 --only plain
+    python -m benchmarks.information --data ../shared/data/cifar10
+    python -m benchmarks.information --data ../shared/data/cifar10 --only plain
 
 Runs (each a ``dibjax.main`` configuration with ``analysis.enabled``, kept in ``--workdir`` and not rerun once
 finished, so the script can be stopped and continued):
@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from dibjax import analysis, config_lib, plots, train  # noqa: E402
+from dibjax import analysis, config_lib, plots, train
+from dibjax.workdir import ANALYSIS_FILE
 
 
 def configure(name: str, data_dir: str, plain_epochs: int):
@@ -53,9 +51,9 @@ def configure(name: str, data_dir: str, plain_epochs: int):
 
 
 def run(name: str, data_dir: str, workdir: pathlib.Path, plain_epochs: int) -> dict:
-    if not (workdir / analysis.ANALYSIS_FILE).exists():
+    if not (workdir / ANALYSIS_FILE).exists():
         train.train_and_evaluate(configure(name, data_dir, plain_epochs), workdir)
-    return json.loads((workdir / analysis.ANALYSIS_FILE).read_text())
+    return json.loads((workdir / ANALYSIS_FILE).read_text())
 
 
 def gradient_summary(records: list[dict], unit: int) -> tuple[float, float]:

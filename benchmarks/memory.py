@@ -1,7 +1,7 @@
 """Peak memory of one training step: every greedy stage against end-to-end backpropagation.
 
-    python benchmarks/memory.py                        # VGG-11 and ResNet-18, batch 128 and 1024
-    python benchmarks/memory.py --models vgg11 --batches 128
+    python -m benchmarks.memory                        # VGG-11 and ResNet-18, batch 128 and 1024
+    python -m benchmarks.memory --models vgg11 --batches 128
 
 For each network the script builds the ``greedy_dib`` configuration (one stage per layer, convolutional auxiliary
 heads, the DIB objective) and the ``sgd`` one (end to end, the network's linear classifier), compiles the training
@@ -15,14 +15,11 @@ accelerators run (on CPU dibjax trains with a patches × kernel form whose 9× l
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from dibjax import config_lib, data, models, train  # noqa: E402
+from dibjax import config_lib, data, models, trainer
 
 MB = 2**20
 
@@ -32,17 +29,17 @@ def phase_peaks(method: str, model: str, batch: int) -> list[int]:
     config.model.name = model
     config.model.width = 0
     config.train.batch_size = batch
-    trainer = train.Trainer(config, data.DATASETS["cifar10"], steps_per_epoch=100)
-    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), trainer.initial_state)
+    run_trainer = trainer.Trainer(config, data.DATASETS["cifar10"], steps_per_epoch=100)
+    state = run_trainer.abstract_state()
     sample = {
         "image": jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.uint8),
         "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
     }
     peaks = []
-    for step in trainer.train_steps:
+    for step in run_trainer.train_steps:
         with models.native_convolutions():
             compiled = step.lower(state, sample).compile()
-        peaks.append(trainer.peak_memory_bytes(compiled))
+        peaks.append(run_trainer.peak_memory_bytes(compiled))
     return peaks
 
 

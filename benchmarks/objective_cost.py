@@ -1,7 +1,7 @@
 """What the information terms cost: a greedy stage's step with the DIB objective against the same step with CE.
 
-    python benchmarks/objective_cost.py                       # the small CNN (cpu size), every stage, batch 128
-    python benchmarks/objective_cost.py --model vgg11 --width 64 --stages 0 3 7
+    python -m benchmarks.objective_cost                       # the small CNN (cpu size), every stage, batch 128
+    python -m benchmarks.objective_cost --model vgg11 --width 64 --stages 0 3 7
 
 Both steps train the same stage with the same head, optimizer, augmentation and batches; only the objective
 differs (``ce``, or ``dib`` with the default settings of ``configs/*.py``, which can be changed with
@@ -12,19 +12,16 @@ over rounds, so that drift on a shared machine hits both alike.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from dibjax import config_lib, data, train  # noqa: E402
+from dibjax import config_lib, data, train, trainer
 
 
-def make_trainer(objective: str, args) -> train.Trainer:
+def make_trainer(objective: str, args) -> trainer.Trainer:
     config = config_lib.get_config("cifar10", "cpu,greedy_dib")
     config.model.name = args.model
     config.model.width = args.width
@@ -33,7 +30,7 @@ def make_trainer(objective: str, args) -> train.Trainer:
     config.objective.dib.compression = args.compression
     config.objective.dib.pool = args.pool
     config.objective.dib.gamma = args.gamma
-    return train.Trainer(config, data.DATASETS["cifar10"], steps_per_epoch=100)
+    return trainer.Trainer(config, data.DATASETS["cifar10"], steps_per_epoch=100)
 
 
 def main() -> None:
@@ -71,12 +68,10 @@ def main() -> None:
     print("|---:|---:|---:|---:|")
     for k in stages:
         steps, states = {}, {}
-        for name, trainer in trainers.items():
-            # A copy: the step donates its input state, and the initial state serves every stage.
-            fresh = jax.tree.map(lambda a: np.array(a, copy=True), trainer.initial_state)
-            states[name] = jax.device_put(fresh, trainer.replicated)
-            sharded = [trainer.shard(b) for b in batches]
-            steps[name] = (trainer.train_steps[k].lower(states[name], sharded[0]).compile(), sharded)
+        for name, stage_trainer in trainers.items():
+            states[name] = stage_trainer.create_state()
+            sharded = [stage_trainer.shard(b) for b in batches]
+            steps[name] = (stage_trainer.train_steps[k].lower(states[name], sharded[0]).compile(), sharded)
             states[name], _ = steps[name][0](states[name], sharded[0])  # warm-up
         times = {name: [] for name in trainers}
         for _ in range(args.rounds):

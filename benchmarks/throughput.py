@@ -1,7 +1,7 @@
 """Training throughput of dibjax's train step against a minimal hand-written Flax/optax loop.
 
-    python benchmarks/throughput.py                 # small CNN and VGG-11, batch 128
-    python benchmarks/throughput.py --models small_cnn --steps 5
+    python -m benchmarks.throughput                 # small CNN and VGG-11, batch 128
+    python -m benchmarks.throughput --models small_cnn --steps 5
 
 Both loops train the same model (``dibjax.models``) with the same optimizer, the same on-device
 augmentation and normalisation, on the same batches. The hand-written loop is the textbook NNX
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -25,8 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from dibjax import config_lib, data, models, train  # noqa: E402
+from dibjax import config_lib, data, models, optim, streams, trainer
 
 WIDTHS = {"small_cnn": 32, "vgg11": 64}
 
@@ -42,8 +40,12 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, count: int)
 
 def hand_written(config, info, steps_per_epoch):
     """The textbook NNX training step for the same model and optimizer."""
-    model = models.build_model(train._model_config(config.model), info.num_classes, nnx.Rngs(config.seed))
-    tx = train.make_optimizer(config, train.learning_rate_schedule(config, steps_per_epoch))
+    rngs = nnx.Rngs(streams.init_key(config.seed))
+    model = models.build_model(config_lib.model_fields(config), info.num_classes, rngs)
+    learning_rate = optim.learning_rate_schedule(
+        config, steps_per_epoch, config.train.num_epochs, config.optimizer.learning_rate
+    )
+    tx = optim.make_optimizer(config, learning_rate)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
@@ -67,11 +69,11 @@ def hand_written(config, info, steps_per_epoch):
 
 
 def dibjax_step(config, info, steps_per_epoch):
-    trainer = train.Trainer(config, info, steps_per_epoch)
-    state = {"value": jax.device_put(trainer.initial_state, trainer.replicated)}
+    run_trainer = trainer.Trainer(config, info, steps_per_epoch)
+    state = {"value": run_trainer.create_state()}
 
     def run(batch, i):
-        state["value"], metrics = trainer.train_steps[0](state["value"], trainer.shard(batch))
+        state["value"], metrics = run_trainer.train_steps[0](state["value"], run_trainer.shard(batch))
         return metrics["loss"]
 
     return run

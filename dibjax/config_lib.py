@@ -8,10 +8,10 @@ one size and one method:
 * sizes: ``full`` (default: VGG-11, batch 128, the published recipe), ``cpu`` (the small
   4-stage CNN, sized for a 2-core CPU) and ``smoke`` (a tiny network on a few hundred
   images; a run takes well under a minute on CPU);
-* methods (:data:`METHODS`), each a schedule and a per-stage objective:
+* methods (:data:`METHODS`), each a scheduler and a per-stage objective:
 
   ==============  ================  ===========  ===================================================
-  method          schedule          objective    what it is
+  method          scheduler         objective    what it is
   ==============  ================  ===========  ===================================================
   ``greedy_dib``  ``sequential``    ``dib``      the greedy DIB method (the default)
   ``greedy_ce``   ``sequential``    ``ce``       greedy layer-wise training with the heads' CE only
@@ -23,21 +23,23 @@ one size and one method:
 
   The layer-wise methods cut the network per layer and give every stage a convolutional auxiliary head; ``sgd``
   keeps the network's own classifier (a linear head). ``train.num_epochs`` counts the epochs of every stage for
-  the sequential schedule and of the whole run otherwise.
+  the sequential scheduler and of the whole run otherwise.
 
-Any field can then be overridden on the command line, e.g. ``--config.train.num_epochs=3``.
+Any field can then be overridden on the command line, e.g. ``--config.train.num_epochs=3``. :func:`check_config`
+refuses unknown names and impossible settings before any data is read or any model is built.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from dibjax import analysis
+from dibjax import analysis, data, models, objectives, optim, schedulers
+from dibjax.errors import ConfigError
 
 DATASETS = ("cifar10", "cifar100", "gtsrb")
 SIZES = ("full", "cpu", "smoke")
 METHODS = ("greedy_dib", "greedy_ce", "dgl", "predsim", "hsic", "sgd")
-# (schedule, objective) of every method.
+# (scheduler, objective) of every method.
 METHOD_RECIPES = {
     "greedy_dib": ("sequential", "dib"),
     "greedy_ce": ("sequential", "ce"),
@@ -55,14 +57,14 @@ def parse_variant(arg: str | None) -> tuple[str, str]:
     for token in tokens:
         if token in SIZES:
             if size is not None:
-                raise ValueError(f"config variant {arg!r} names two sizes ({size!r}, {token!r}); give at most one")
+                raise ConfigError(f"config variant {arg!r} names two sizes ({size!r}, {token!r}); give at most one")
             size = token
         elif token in METHODS:
             if method is not None:
-                raise ValueError(f"config variant {arg!r} names two methods ({method!r}, {token!r}); give at most one")
+                raise ConfigError(f"config variant {arg!r} names two methods ({method!r}, {token!r}); give at most one")
             method = token
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown config variant {token!r} in {arg!r}; accepted sizes: {SIZES}, methods: {METHODS}"
             )
     return size or "full", method or "greedy_dib"
@@ -71,7 +73,7 @@ def parse_variant(arg: str | None) -> tuple[str, str]:
 def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """The configuration of a run on ``dataset`` for the variant string ``arg``."""
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; accepted: {DATASETS}")
+        raise ConfigError(f"unknown dataset {dataset!r}; accepted: {', '.join(DATASETS)}")
     size, method = parse_variant(arg)
 
     config = ml_collections.ConfigDict()
@@ -101,7 +103,7 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     config.model.dtype = "float32"  # or "bfloat16": mixed precision, float32 parameters
 
     config.method = method
-    config.schedule, objective = METHOD_RECIPES[method]
+    config.scheduler, objective = METHOD_RECIPES[method]
     config.objective = ml_collections.ConfigDict()
     config.objective.name = objective
     # Every objective's options, so any can be overridden (e.g. --config.objective.dib.beta=0.01); only the section
@@ -117,7 +119,7 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     config.optimizer.momentum = 0.9
     config.optimizer.nesterov = True
     config.optimizer.weight_decay = 5e-4
-    config.optimizer.schedule = "cosine"  # or "multistep"
+    config.optimizer.lr_schedule = "cosine"  # or "multistep"
     config.optimizer.milestones = (0.5, 0.75)  # fractions of training, for "multistep"
     config.optimizer.decay_factor = 0.1
     config.optimizer.warmup_epochs = 0
@@ -128,11 +130,11 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     config.train.eval_batch_size = 500
     config.train.num_epochs = 200 if dataset != "gtsrb" else 30
     config.train.label_smoothing = 0.0
-    config.train.stage_epochs = ()  # sequential schedule: epochs of each stage, overriding num_epochs
+    config.train.stage_epochs = ()  # sequential scheduler: epochs of each stage, overriding num_epochs
     config.train.log_every_steps = 20
     config.train.checkpoint = True
     config.train.overwrite = False  # start over in a workdir that holds another config's run
-    config.train.progress = True
+    config.train.progress = True  # progress bars, drawn only when the console is a terminal
 
     # Information-theoretic analysis of the run (dibjax.analysis, whose default_options documents every field).
     config.analysis = ml_collections.ConfigDict(analysis.default_options())
@@ -140,20 +142,18 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     if method != "sgd":
         config.model.split = "layer"
         config.model.head = "conv"
-        if size == "full" and config.schedule == "sequential":
+        if size == "full" and config.scheduler == "sequential":
             config.train.num_epochs = 50 if dataset != "gtsrb" else 15
 
     if size == "cpu":
         config.model.name = "small_cnn"
         config.model.split = "layer"
         config.model.width = 32
-        # About 48 s an epoch (with its evaluation) on 2 CPU cores for CIFAR-10's 24k-image subset: 17 epochs fit
-        # in 15 minutes.
+        # Sized so that an end-to-end run on CIFAR-10's 24,000-image subset fits in 15 minutes on 2 CPU cores.
         config.train.num_epochs = 17 if dataset != "gtsrb" else 10
         config.train.label_smoothing = 0.1
         if dataset != "gtsrb":
-            # A schedule this short underfits (training accuracy stays near 84%): 2-pixel crops fit faster than
-            # the usual 4 and gave about a point more test accuracy at equal epochs.
+            # A run this short underfits: 2-pixel crops fit faster than the usual 4 (docs/results.md).
             config.data.crop_padding = 2
     elif size == "smoke":
         config.model.name = "small_cnn"
@@ -168,3 +168,84 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
         config.train.log_every_steps = 2
         config.analysis.probe_size = 64
     return config
+
+
+def model_fields(config: ml_collections.ConfigDict) -> dict:
+    """``config.model`` as :func:`dibjax.models.build_model` takes it (0 meaning "the default" becomes None)."""
+    fields = config.model.to_dict()
+    fields["width"] = fields.get("width") or None
+    fields["num_groups"] = fields.get("num_groups") or None
+    return fields
+
+
+def stage_epochs(config: ml_collections.ConfigDict, num_stages: int) -> int | tuple[int, ...]:
+    """Epochs per phase: ``train.stage_epochs`` for a sequential run when given, else ``train.num_epochs``."""
+    given = tuple(config.train.get("stage_epochs", ()) or ())
+    if not given:
+        return config.train.num_epochs
+    if config.scheduler != "sequential":
+        raise ConfigError(
+            f"train.stage_epochs={given} is only read by the sequential scheduler, not {config.scheduler!r}"
+        )
+    if len(given) != num_stages:
+        raise ConfigError(f"train.stage_epochs={given} has {len(given)} entries; the model has {num_stages} stages")
+    return given
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses unknown names and impossible settings before any data is read or any model is built.
+
+    Raises:
+        ConfigError: naming the field, its value and what is accepted.
+    """
+    for field, accepted in (
+        ("name", models.MODELS),
+        ("split", models.SPLITS),
+        ("head", models.HEADS),
+        ("dtype", models.COMPUTE_DTYPES),
+    ):
+        value = config.model.get(field, "float32" if field == "dtype" else None)
+        if value not in accepted:
+            raise ConfigError(f"unknown model.{field} {value!r}; accepted: {', '.join(accepted)}")
+    if config.data.name not in data.DATASETS:
+        raise ConfigError(f"unknown data.name {config.data.name!r}; accepted: {', '.join(data.DATASETS)}")
+    if config.data.source not in data.SOURCES:
+        raise ConfigError(f"unknown data.source {config.data.source!r}; accepted: {', '.join(data.SOURCES)}")
+    if config.scheduler not in schedulers.SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {config.scheduler!r}; accepted: {', '.join(schedulers.SCHEDULERS)}")
+    if config.optimizer.lr_schedule not in optim.LR_SCHEDULES:
+        raise ConfigError(
+            f"unknown optimizer.lr_schedule {config.optimizer.lr_schedule!r}; accepted: {', '.join(optim.LR_SCHEDULES)}"
+        )
+    for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps"):
+        value = config.train[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"train.{field} must be a positive integer, got {value!r}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {config.seed!r}")
+    objective = objectives.from_config(config.objective, config.train.label_smoothing)
+    num_stages = len(models.stage_sizes(model_fields(config)))
+    schedulers.make_phases(config.scheduler, num_stages, stage_epochs(config, num_stages))
+    optim.peak_learning_rates(config, schedulers.num_groups(config.scheduler, num_stages))
+    if "analysis" in config:
+        analysis.check_options({**analysis.default_options(), **config.analysis.to_dict()})
+        if config.analysis.enabled and not config.train.checkpoint:
+            raise ConfigError("analysis.enabled=True analyses the run's checkpoints: it needs train.checkpoint=True")
+    minimum = objectives.minimum_batch_size(objective)
+    if config.train.batch_size < minimum:
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} is too small for the {config.objective.name!r} objective's "
+            f"estimators, which need at least {minimum} samples per batch"
+        )
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, train_size: int, device_count: int) -> None:
+    """Refuses batch sizes the loaded training set or the devices cannot take, before any compilation."""
+    batch = config.train.batch_size
+    if batch > train_size:
+        raise ConfigError(f"train.batch_size={batch} must be between 1 and the {train_size} training images")
+    for field in ("batch_size", "eval_batch_size"):
+        if config.train[field] % device_count:
+            raise ConfigError(
+                f"train.{field}={config.train[field]} must be a multiple of the {device_count} devices it is split over"
+            )

@@ -174,8 +174,8 @@ def _kth_smallest_nonnegative(values: Array, k: int) -> Array:
 
     Non-negative IEEE floats order like their bit patterns read as integers, so a bisection over the integers
     finds the smallest bit pattern with more than ``k`` values at or below it, in one counting pass per bit.
-    XLA:CPU sorts slowly (about 3 ms for the 8,128 distances of a 128-sample batch, more than the rest of an
-    entropy and its gradient); this takes a few hundredths of that.
+    XLA:CPU sorts slowly, more slowly than the rest of an entropy and its gradient at batch sizes used in
+    training; this needs only ``bits`` comparisons per element (docs/benchmarks.md).
     """
     int_dtype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[values.dtype.itemsize]
     bits = jax.lax.bitcast_convert_type(jnp.maximum(values, 0), int_dtype)

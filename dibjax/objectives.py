@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from dibjax import entropy
+from dibjax.errors import ConfigError
 from dibjax.models.layers import adaptive_avg_pool
 
 Array = jax.Array
@@ -84,15 +85,15 @@ def reduce_features(x: Array, pool: int) -> Array:
 
 def _check_number(owner: str, name: str, value: Any, *, minimum: float = 0.0, strict: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
+        raise ConfigError(f"{owner}: {name} must be a finite number, got {value!r}")
     if value < minimum or (strict and value == minimum):
         relation = ">" if strict else ">="
-        raise ValueError(f"{owner}: {name} must be {relation} {minimum}, got {value!r}")
+        raise ConfigError(f"{owner}: {name} must be {relation} {minimum}, got {value!r}")
 
 
 def _check_pool(owner: str, pool: Any) -> None:
     if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
-        raise ValueError(f"{owner}: pool must be an int >= 0 (0 = flatten), got {pool!r}")
+        raise ConfigError(f"{owner}: pool must be an int >= 0 (0 = flatten), got {pool!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +137,9 @@ class DIB:
 
     def __post_init__(self):
         if self.compression not in COMPRESSIONS:
-            raise ValueError(f"dib: unknown compression {self.compression!r}; accepted: {', '.join(COMPRESSIONS)}")
+            raise ConfigError(f"dib: unknown compression {self.compression!r}; accepted: {', '.join(COMPRESSIONS)}")
         if self.width not in entropy.WIDTH_RULES:
-            raise ValueError(f"dib: unknown width rule {self.width!r}; accepted: {', '.join(entropy.WIDTH_RULES)}")
+            raise ConfigError(f"dib: unknown width rule {self.width!r}; accepted: {', '.join(entropy.WIDTH_RULES)}")
         _check_number("dib", "beta", self.beta)
         _check_number("dib", "gamma", self.gamma)
         _check_number("dib", "alpha", self.alpha, strict=True)
@@ -207,7 +208,7 @@ class PredSim:
     def __post_init__(self):
         _check_number("predsim", "beta", self.beta)
         if self.beta > 1:
-            raise ValueError(f"predsim: beta must be in [0, 1], got {self.beta!r}")
+            raise ConfigError(f"predsim: beta must be in [0, 1], got {self.beta!r}")
         _check_number("predsim", "label_smoothing", self.label_smoothing)
 
     def __call__(self, features, logits, labels, *, stage_input=None, network_input=None):
@@ -240,7 +241,7 @@ class HSICBottleneck:
 
     def __post_init__(self):
         if self.width not in entropy.WIDTH_RULES:
-            raise ValueError(f"hsic: unknown width rule {self.width!r}; accepted: {', '.join(entropy.WIDTH_RULES)}")
+            raise ConfigError(f"hsic: unknown width rule {self.width!r}; accepted: {', '.join(entropy.WIDTH_RULES)}")
         _check_number("hsic", "lam", self.lam)
         _check_number("hsic", "label_smoothing", self.label_smoothing)
         _check_pool("hsic", self.pool)
@@ -275,15 +276,15 @@ def make_objective(name: str, **options: Any):
     """The objective called ``name`` (a key of :data:`OBJECTIVES`) with ``options`` as its fields.
 
     Raises:
-      ValueError: an unknown name, an option the objective does not have, or a value out of range.
+      ConfigError: an unknown name, an option the objective does not have, or a value out of range.
     """
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; accepted: {', '.join(OBJECTIVES)}")
+        raise ConfigError(f"unknown objective {name!r}; accepted: {', '.join(OBJECTIVES)}")
     cls = OBJECTIVES[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for objective {name!r}; accepted: {sorted(fields)}")
+        raise ConfigError(f"unknown option(s) {unknown} for objective {name!r}; accepted: {sorted(fields)}")
     return cls(**options)
 
 
@@ -296,7 +297,7 @@ def from_config(config: Mapping[str, Any], label_smoothing: float = 0.0):
     """
     name = config["name"] if "name" in config else None
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; accepted: {', '.join(OBJECTIVES)}")
+        raise ConfigError(f"unknown objective {name!r}; accepted: {', '.join(OBJECTIVES)}")
     options = dict(config[name]) if name in config and config[name] is not None else {}
     options["label_smoothing"] = float(label_smoothing)
     return make_objective(name, **options)

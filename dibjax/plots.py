@@ -178,13 +178,18 @@ def run_figures(
     gradient_records: Sequence[Mapping],
     heatmap_epochs: Sequence[int] = (),
 ) -> list[pathlib.Path]:
-    """Every figure of one run's analysis, written to ``workdir/figures``."""
+    """Every figure of one run's analysis, written to ``workdir/figures``.
+
+    The convergence figure needs the analysed epochs to start at the initialisation, the gradient-norm figure a
+    run trained with ``analysis.enabled``; each is left out otherwise.
+    """
     out = pathlib.Path(workdir) / FIGURES_DIR
     paths = [
         information_plane(result, out / "information_plane.png"),
         mi_matrices(result, out / "mi_matrices.png", heatmap_epochs),
-        convergence(result, out / "convergence.png"),
     ]
+    if result["convergence_epoch"] is not None:
+        paths.append(convergence(result, out / "convergence.png"))
     if gradient_records:
         paths.append(gradient_norms(gradient_records, result["layers"], out / "gradient_norms.png"))
     return paths

@@ -1,41 +1,26 @@
 """The training loop: ``train_and_evaluate(config, workdir)``.
 
-``config.schedule`` says how the stages are trained (:mod:`dibjax.schedule`: ``sequential`` greedy layer-wise,
-``simultaneous`` decoupled, or ``end_to_end`` backpropagation) and ``config.objective`` with what per-stage loss
-(:mod:`dibjax.objectives`). The loop is written on a functional training state (per-stage parameters, BatchNorm
-statistics, one optimizer state per parameter group, step) so that it can be checkpointed with orbax and sharded:
-the batch is split over a 1-D device mesh with axis ``"data"`` and the state is replicated, so the same code runs
-on one CPU, a TPU slice or several GPUs.
+``config.scheduler`` says how the stages are trained (:mod:`dibjax.schedulers`: ``sequential`` greedy
+layer-wise, ``simultaneous`` decoupled, or ``end_to_end`` backpropagation) and ``config.objective`` with what
+per-stage loss (:mod:`dibjax.objectives`); :class:`~dibjax.trainer.Trainer` compiles the steps and
+:class:`~dibjax.workdir.Workdir` holds the files.
 
-Files written in ``workdir``:
+Epochs count from 1 everywhere a user reads them (the console, ``metrics.jsonl``, checkpoints, the analysis);
+checkpoint ``e`` is the state after ``e`` epochs of the run and ``0`` the initial state. A sequential run counts
+its epochs over the whole run (stage 2 of 4 stages of 17 epochs starts at epoch 18) and also within its stage
+(``phase_epoch``); stages count from 1 in files and on the console.
 
-* ``config.json``: the run's configuration; a later run in the same folder must match it
-  (``config.train.overwrite=True`` starts over instead).
-* ``metrics.jsonl``: one JSON record per epoch and trained stage: ``stage`` (``null`` end to end), ``epoch``
-  (counted over the whole run), ``phase_epoch`` (within the stage's phase), ``train_loss``, ``train_accuracy`` (of
-  the stage's head on the training batches), ``test_loss``, ``test_accuracy`` (of the network up to that stage with
-  its head), ``images_per_second``, ``seconds``, ``learning_rate``, ``grad_norm`` (mean over the epoch's steps of the
-  norm of the gradient of the stage's parameters; end to end, ``grad_norms`` lists every stage's) and every term of
-  the objective averaged over the epoch (``ce``, ``H_T``, ``I_XT``, ``I_TY``, ...), and ``elapsed_seconds`` (wall
-  time of the run so far, over every invocation that contributed a kept epoch).
-* ``checkpoints/``: orbax checkpoints after every epoch (the last two kept; with ``config.analysis.enabled`` also
-  those of the analysed epochs, 0 being the initial state); rerunning the same command resumes
-  from the latest and continues exactly as an uninterrupted run would, inside any stage.
-* with ``config.analysis.enabled``: ``gradient_norms.jsonl`` (per epoch, every step's gradient norm of every unit
-  of the network), then at the end ``analysis.json`` and ``figures/`` (:mod:`dibjax.analysis`).
-* ``summary.json``: ``test_accuracy`` (the classifier: the last stage with its head), ``stage_accuracies`` (every
-  head's final test accuracy, for layer-wise schedules), ``wall_seconds``, ``train_step_peak_bytes`` (XLA's memory
-  analysis of the compiled training step; the largest over the phases, each listed in ``phase_peak_bytes``).
+What a rerun of the same command does: a finished run (``summary.json`` present) prints its summary and returns
+it without loading data or compiling; an unfinished one resumes from its newest intact checkpoint and continues
+exactly as an uninterrupted run would, inside any stage.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
-import json
-import pathlib
-import shutil
+import signal
+import sys
+import threading
 import time
 from typing import Any
 
@@ -43,324 +28,40 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 import threadpoolctl
 import tqdm
-from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from dibjax import analysis, data, models, objectives, schedule
+from dibjax import analysis, config_lib, data, schedulers
+from dibjax.checkpoints import Checkpoints
+from dibjax.errors import NonFiniteLossError, RunInterrupted, WorkdirError
+from dibjax.trainer import Trainer
+from dibjax.workdir import ANALYSIS_FILE, GRADIENT_FILE, METRICS_FILE, Workdir
 
-# Fields that do not change what a run computes, so resuming may differ in them.
-_RESUMABLE_FIELDS = {("train", "overwrite"), ("train", "progress"), ("train", "log_every_steps")}
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised when the training loss becomes NaN or Inf; the last good checkpoint is kept."""
+__all__ = ["epoch_records", "single_threaded_blas", "train_and_evaluate"]
 
 
-def learning_rate_schedule(
-    config: ml_collections.ConfigDict,
-    steps_per_epoch: int,
-    num_epochs: int | None = None,
-    learning_rate: float | None = None,
-) -> optax.Schedule:
-    """The learning rate over ``num_epochs`` (default ``config.train.num_epochs``) of ``steps_per_epoch`` steps."""
-    opt = config.optimizer
-    num_epochs = config.train.num_epochs if num_epochs is None else num_epochs
-    peak = opt.learning_rate if learning_rate is None else learning_rate
-    total = num_epochs * steps_per_epoch
-    warmup = int(opt.warmup_epochs * steps_per_epoch)
-    if opt.schedule == "cosine":
-        main = optax.cosine_decay_schedule(peak, max(total - warmup, 1))
-    elif opt.schedule == "multistep":
-        boundaries = {int(f * total) - warmup: opt.decay_factor for f in opt.milestones}
-        main = optax.piecewise_constant_schedule(peak, boundaries)
-    else:
-        raise ValueError(f"unknown optimizer.schedule {opt.schedule!r}; accepted: 'cosine', 'multistep'")
-    if warmup == 0:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains as ``config`` says (its scheduler's phases in order), evaluating every epoch; returns the summary.
 
+    Resumes from the newest intact checkpoint in ``workdir``; returns a finished run's summary at once.
 
-def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum and decoupled-from-the-loss L2 weight decay, as in the CIFAR literature."""
-    opt = config.optimizer
-    return optax.chain(
-        optax.add_decayed_weights(opt.weight_decay),
-        optax.sgd(schedule, momentum=opt.momentum or None, nesterov=bool(opt.nesterov and opt.momentum)),
-    )
-
-
-def stage_epochs(config: ml_collections.ConfigDict, num_stages: int) -> int | tuple[int, ...]:
-    """Epochs per phase: ``train.stage_epochs`` for a sequential run when given, else ``train.num_epochs``."""
-    given = tuple(config.train.get("stage_epochs", ()) or ())
-    if not given:
-        return config.train.num_epochs
-    if config.schedule != "sequential":
-        raise ValueError(f"train.stage_epochs={given} is only read by the sequential schedule, not {config.schedule!r}")
-    if len(given) != num_stages:
-        raise ValueError(f"train.stage_epochs={given} has {len(given)} entries; the model has {num_stages} stages")
-    return given
-
-
-def _stage_learning_rates(config: ml_collections.ConfigDict, num_groups: int) -> tuple[float, ...]:
-    given = tuple(config.optimizer.get("stage_learning_rates", ()) or ())
-    if not given:
-        return (config.optimizer.learning_rate,) * num_groups
-    if len(given) != num_groups:
-        raise ValueError(
-            f"optimizer.stage_learning_rates={given} has {len(given)} entries; this run has {num_groups} "
-            "parameter groups (one per stage, or one for end_to_end)"
-        )
-    return given
-
-
-@dataclasses.dataclass
-class Trainer:
-    """Compiled train and eval steps, one per phase of the schedule, for one model and configuration."""
-
-    config: ml_collections.ConfigDict
-    info: data.DatasetInfo
-    steps_per_epoch: int
-
-    def __post_init__(self):
-        config = self.config
-        model = models.build_model(_model_config(config.model), self.info.num_classes, nnx.Rngs(config.seed))
-        self.net = schedule.StagedNetwork(model)
-        num_stages = self.net.num_stages
-        self.objective = objectives.from_config(config.objective, config.train.label_smoothing)
-        self.phases = schedule.make_phases(config.schedule, num_stages, stage_epochs(config, num_stages))
-        groups = schedule.num_groups(config.schedule, num_stages)
-        rates = _stage_learning_rates(config, groups)
-        # Group g's optimizer runs over the epochs of the phase that trains it.
-        if config.schedule == "sequential":
-            group_epochs = [phase.num_epochs for phase in self.phases]
-        else:
-            group_epochs = [self.phases[0].num_epochs] * groups
-        self.schedules = [
-            learning_rate_schedule(config, self.steps_per_epoch, group_epochs[g], rates[g]) for g in range(groups)
-        ]
-        self.optimizers = [make_optimizer(config, s) for s in self.schedules]
-        params, extra = self.net.initial_params, self.net.initial_extra
-        opt_state = schedule.init_optimizer_states(config.schedule, self.optimizers, params)
-        self.initial_state = {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "extra": extra,
-            "opt_state": opt_state,
-            "key": jax.random.key_data(jax.random.key(config.seed + 1)),
-            # Index of the first step whose loss was not finite, or -1.
-            "nonfinite_step": -jnp.ones((), jnp.int32),
-        }
-        self.mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-        self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
-        self.train_steps = [
-            jax.jit(functools.partial(self._train_step, phase), donate_argnums=0) for phase in self.phases
-        ]
-        self.eval_steps = [
-            jax.jit(functools.partial(self._eval_step, schedule.evaluated_heads(phase, num_stages)))
-            for phase in self.phases
-        ]
-
-    @property
-    def num_stages(self) -> int:
-        return self.net.num_stages
-
-    def _train_step(self, phase: schedule.Phase, state: dict, batch: dict) -> tuple[dict, dict]:
-        config = self.config
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
-        images = data.augment(batch["image"], key, crop_padding=config.data.crop_padding, flip=self.info.flip)
-        images = data.normalize(images, self.info)
-        return schedule.train_step(self.net, self.objective, self.optimizers, phase, state, images, batch["label"])
-
-    def _eval_step(self, heads: tuple[int, ...], state: dict, batch: dict) -> dict:
-        logits = schedule.eval_logits(self.net, state, data.normalize(batch["image"], self.info), heads)
-        mask = batch["mask"]
-        out = {"count": jnp.sum(mask)}
-        for k, head_logits in logits.items():
-            losses = objectives.cross_entropy(head_logits, batch["label"])
-            out[f"loss_sum/{k}"] = jnp.sum(jnp.where(mask, losses, 0))
-            out[f"correct/{k}"] = jnp.sum((jnp.argmax(head_logits, -1) == batch["label"]) & mask)
-        return out
-
-    def shard(self, batch: dict) -> dict:
-        return jax.device_put(batch, self.batch_sharding)
-
-    @staticmethod
-    def peak_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
-        """XLA's estimate of a compiled step's memory: arguments + outputs + temporaries − donated (aliased) buffers.
-
-        ``peak_memory_in_bytes`` is not used: XLA:CPU leaves it at about the size of the arguments, without the
-        temporaries that hold the activations.
-        """
-        analysis = compiled.memory_analysis()
-        if analysis is None:
-            return None
-        return int(
-            analysis.argument_size_in_bytes
-            + analysis.output_size_in_bytes
-            + analysis.temp_size_in_bytes
-            - analysis.alias_size_in_bytes
-        )
-
-
-def _model_config(model_config: ml_collections.ConfigDict) -> dict:
-    fields = model_config.to_dict()
-    fields["width"] = fields.get("width") or None
-    fields["num_groups"] = fields.get("num_groups") or None
-    return fields
-
-
-def _flat(config_dict: dict, prefix: tuple = ()) -> dict:
-    out = {}
-    for key, value in config_dict.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = value
-    return out
-
-
-def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Refuses to resume a run of another configuration unless told to start over."""
-    saved_path = workdir / "config.json"
-    current = json.loads(config.to_json())
-    if saved_path.exists():
-        saved_flat, current_flat = _flat(json.loads(saved_path.read_text())), _flat(current)
-        differences = {
-            ".".join(k): (saved_flat.get(k), current_flat.get(k))
-            for k in set(saved_flat) | set(current_flat)
-            # The analysis reads the run without changing it, so its settings may change between invocations.
-            if k not in _RESUMABLE_FIELDS and k[0] != "analysis" and saved_flat.get(k) != current_flat.get(k)
-        }
-        if differences and not config.train.overwrite:
-            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(differences.items()))
-            raise ValueError(
-                f"workdir {workdir} holds a run with another configuration ({shown}); "
-                "use another workdir, or pass --config.train.overwrite=True to start over"
-            )
-        if differences:
-            run_files = ("checkpoints", "metrics.jsonl", "summary.json", analysis.GRADIENT_FILE, analysis.ANALYSIS_FILE)
-            for name in run_files:
-                path = workdir / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-    workdir.mkdir(parents=True, exist_ok=True)
-    saved_path.write_text(json.dumps(current, indent=2, sort_keys=True))
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Refuses unknown names and impossible settings before any data is read or any model is built."""
-    for field, accepted in (
-        ("name", models.MODELS),
-        ("split", models.SPLITS),
-        ("head", models.HEADS),
-        ("dtype", models.COMPUTE_DTYPES),
-    ):
-        value = config.model.get(field, "float32" if field == "dtype" else None)
-        if value not in accepted:
-            raise ValueError(f"unknown model.{field} {value!r}; accepted: {', '.join(accepted)}")
-    if config.data.name not in data.DATASETS:
-        raise ValueError(f"unknown data.name {config.data.name!r}; accepted: {', '.join(data.DATASETS)}")
-    if config.data.source not in data.SOURCES:
-        raise ValueError(f"unknown data.source {config.data.source!r}; accepted: {', '.join(data.SOURCES)}")
-    if config.schedule not in schedule.SCHEDULES:
-        raise ValueError(f"unknown schedule {config.schedule!r}; accepted: {', '.join(schedule.SCHEDULES)}")
-    if config.optimizer.schedule not in ("cosine", "multistep"):
-        raise ValueError(f"unknown optimizer.schedule {config.optimizer.schedule!r}; accepted: 'cosine', 'multistep'")
-    objective = objectives.from_config(config.objective, config.train.label_smoothing)
-    num_stages = len(models.stage_sizes(_model_config(config.model)))
-    schedule.make_phases(config.schedule, num_stages, stage_epochs(config, num_stages))
-    _stage_learning_rates(config, schedule.num_groups(config.schedule, num_stages))
-    if "analysis" in config:
-        analysis.check_options({**analysis.default_options(), **config.analysis.to_dict()})
-        if config.analysis.enabled and not config.train.checkpoint:
-            raise ValueError("analysis.enabled=True analyses the run's checkpoints: it needs train.checkpoint=True")
-    minimum = objectives.minimum_batch_size(objective)
-    if config.train.batch_size < minimum:
-        raise ValueError(
-            f"train.batch_size={config.train.batch_size} is too small for the {config.objective.name!r} objective's "
-            f"estimators, which need at least {minimum} samples per batch"
-        )
-
-
-def _check_batch_sizes(config: ml_collections.ConfigDict, train_size: int) -> None:
-    batch = config.train.batch_size
-    if batch <= 0 or batch > train_size:
-        raise ValueError(f"train.batch_size={batch} must be between 1 and the {train_size} training images")
-    if batch % jax.device_count():
-        raise ValueError(
-            f"train.batch_size={batch} must be a multiple of the {jax.device_count()} devices it is split over"
-        )
-    if config.train.eval_batch_size % jax.device_count():
-        raise ValueError(
-            f"train.eval_batch_size={config.train.eval_batch_size} must be a multiple of the "
-            f"{jax.device_count()} devices it is split over"
-        )
-
-
-def evaluate(trainer: Trainer, phase_index: int, state: dict, dataset: data.ArrayDataset, batch_size: int) -> dict:
-    """Test loss and accuracy of the heads the phase reports on, ``{head: {"loss": .., "accuracy": ..}}``."""
-    totals = None
-    for batch in data.eval_batches(dataset, batch_size):
-        metrics = trainer.eval_steps[phase_index](state, trainer.shard(batch))
-        totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
-    totals = jax.device_get(totals)
-    heads = schedule.evaluated_heads(trainer.phases[phase_index], trainer.num_stages)
-    return {
-        k: {
-            "loss": float(totals[f"loss_sum/{k}"] / totals["count"]),
-            "accuracy": float(totals[f"correct/{k}"] / totals["count"]),
-        }
-        for k in heads
-    }
-
-
-def _epoch_records(
-    trainer: Trainer, phase: schedule.Phase, epoch: int, phase_epoch: int, totals: dict, steps: int, test: dict
-) -> list[dict]:
-    """The metrics.jsonl records of one epoch: one per stage the phase trains (one with stage None end to end)."""
-    num_stages = trainer.num_stages
-    seconds, train_seconds, step_in_phase = totals.pop("_seconds"), totals.pop("_train_seconds"), totals.pop("_steps")
-    terms = [name for name in totals if name not in ("loss", "correct", "count", "grad_norm", "unit_grad_norm")]
-    records = []
-    for k in schedule.evaluated_heads(phase, num_stages):
-        group = 0 if phase.schedule == "end_to_end" else k  # the optimizer of the stage's parameter group
-        record = {
-            "stage": None if phase.schedule == "end_to_end" else k,
-            "epoch": epoch,
-            "phase_epoch": phase_epoch,
-            "train_loss": float(totals["loss"][k] / steps),
-            "train_accuracy": float(totals["correct"][k] / totals["count"]),
-            "test_loss": test[k]["loss"],
-            "test_accuracy": test[k]["accuracy"],
-            "images_per_second": float(totals["count"] / train_seconds),
-            "seconds": seconds,
-            "learning_rate": float(trainer.schedules[group](step_in_phase - 1)),
-        }
-        if phase.schedule == "end_to_end":
-            record["grad_norms"] = [float(v / steps) for v in totals["grad_norm"]]
-        else:
-            record["grad_norm"] = float(totals["grad_norm"][k] / steps)
-        for name in terms:
-            record[name] = float(totals[name][k] / steps)
-        records.append(record)
-    return records
+    Raises:
+        dibjax.errors.RunError: for a bad configuration, data, workdir or checkpoint, and when the loss becomes
+            NaN/Inf; the message says what to do.
+        dibjax.errors.RunInterrupted: on SIGINT or SIGTERM (honoured at the next training step), after the last
+            checkpoint is written; the message says from which epoch a rerun resumes.
+    """
+    with single_threaded_blas(), _StopRequests() as stop:
+        return _train_and_evaluate(config, Workdir(workdir), stop)
 
 
 def single_threaded_blas() -> contextlib.AbstractContextManager:
     """On CPU, limits the BLAS/LAPACK libraries loaded in the process to one thread while the context is open.
 
     XLA:CPU calls LAPACK (OpenBLAS) for the eigendecompositions of the entropy terms. OpenBLAS's worker threads
-    keep spinning after a call and take the cores from XLA's own thread pool: on 2 cores a greedy stage's step with
-    the DIB objective ran 35–75% slower than with CE alone, and as fast with one BLAS thread. On other backends
-    nothing is changed.
+    keep spinning after a call and take the cores from XLA's own thread pool, which slows a step with an
+    information term far more than its arithmetic costs (docs/benchmarks.md). On other backends nothing is
+    changed.
     """
     if jax.default_backend() != "cpu":
         return contextlib.nullcontext()
@@ -371,168 +72,339 @@ def single_threaded_blas() -> contextlib.AbstractContextManager:
     return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Trains as ``config`` says (its schedule's phases in order), evaluating every epoch; returns the summary."""
-    with single_threaded_blas():
-        return _train_and_evaluate(config, workdir)
+class _StopRequests:
+    """Turns the first SIGINT/SIGTERM into a request that the loop honours at the next step.
+
+    A second SIGINT raises ``KeyboardInterrupt`` at once. Handlers can only be set from the main thread; elsewhere
+    the process's own handling applies.
+    """
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, frame) -> None:
+        del frame
+        if self.signal_number is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_number = number
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+    def raise_if_requested(self) -> None:
+        if self.signal_number is not None:
+            raise KeyboardInterrupt
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def _position(trainer: Trainer, phase: schedulers.Phase, phase_epoch: int, epoch: int, total: int) -> str:
+    """Where a run is, for people: ``epoch 3/17``, or ``stage 2/4 epoch 3/17 (epoch 20/68 of the run)``."""
+    if phase.stage is None:
+        return f"epoch {epoch}/{total}"
+    stage = f"stage {phase.stage + 1}/{trainer.num_stages}"
+    return f"{stage} epoch {phase_epoch}/{phase.num_epochs} (epoch {epoch}/{total} of the run)"
+
+
+def _percent(accuracy: float) -> str:
+    return f"{100 * accuracy:.2f}%"
+
+
+def _finished_line(summary: dict[str, Any], path) -> str:
+    heads = summary.get("stage_accuracies")
+    per_stage = f" (heads: {' / '.join(f'{100 * a:.1f}' for a in heads)}%)" if heads else ""
+    return (
+        f"test accuracy {_percent(summary['test_accuracy'])}{per_stage} after {summary['num_epochs']} epochs, "
+        f"{summary['wall_seconds']:.0f} s of training; summary: {path}"
+    )
+
+
+def _header(config: ml_collections.ConfigDict, workdir: Workdir, trainer: Trainer, train_ds, test_ds) -> None:
+    devices = jax.devices()
+    evaluated = "validation" if config.data.get("validation_size") else "test"
+    where = f"{config.data.source} {config.data.dir}" if config.data.dir else config.data.source
+    print(
+        f"dibjax: {config.data.name} {config.get('variant', '')} · scheduler {config.scheduler}, objective "
+        f"{config.objective.name}, {config.model.name} in {trainer.num_stages} stages · workdir {workdir.path}"
+    )
+    print(
+        f"devices: {len(devices)} × {devices[0].device_kind} (JAX {jax.__version__}) · "
+        f"data: {len(train_ds):,} training / {len(test_ds):,} {evaluated} images ({where})"
+    )
+
+
+def epoch_records(
+    trainer: Trainer,
+    phase: schedulers.Phase,
+    epoch: int,
+    phase_epoch: int,
+    totals: dict,
+    test: dict,
+    timing: dict[str, float],
+) -> list[dict]:
+    """The ``metrics.jsonl`` records of one epoch: one per head the phase evaluates (one end to end).
+
+    Fields of a record:
+
+    * ``stage``: the stage (from 1) whose head the record scores; ``null`` end to end (the network's classifier).
+    * ``epoch``: the epoch of the run (from 1); ``phase_epoch``: the epoch within the stage's phase (from 1;
+      equal to ``epoch`` except for the sequential scheduler).
+    * ``train_loss``: the stage's objective averaged over the epoch's steps; ``train_accuracy``: its head's accuracy
+      on the (augmented) training batches.
+    * ``test_loss``, ``test_accuracy``: cross-entropy and accuracy on the evaluation split (the test set, or the
+      held-out validation images with ``data.validation_size``) of the network up to the stage, with its head.
+    * ``images_per_second``: training images per second of the epoch's steps; ``seconds``: the epoch's wall time,
+      evaluation included; ``elapsed_seconds``: wall time of the run so far, over every invocation that
+      contributed a kept epoch.
+    * ``learning_rate``: the rate of the epoch's last step.
+    * ``grad_norm``: the norm of the gradient of the stage's parameters (head excluded), averaged over the
+      epoch's steps; end to end, ``grad_norms`` lists it for every stage.
+    * ``train_step_bytes``: XLA's estimate of the compiled training step's memory (:meth:`Trainer.peak_memory_bytes`).
+    * one field per term of the objective, averaged over the epoch's steps: ``ce`` (cross-entropy, nats), and
+      as configured ``H_T``, ``I_XT``, ``I_prev``, ``I_TY`` (bits), ``sim``, ``hsic_x``, ``hsic_y``.
+    """
+    steps = trainer.steps_per_epoch
+    terms = [name for name in totals if name not in ("loss", "correct", "count", "grad_norm", "unit_grad_norm")]
+    records = []
+    for k in schedulers.evaluated_heads(phase, trainer.num_stages):
+        group = 0 if phase.scheduler == "end_to_end" else k  # the optimizer of the stage's parameter group
+        record = {
+            "stage": None if phase.scheduler == "end_to_end" else k + 1,
+            "epoch": epoch,
+            "phase_epoch": phase_epoch,
+            "train_loss": float(totals["loss"][k] / steps),
+            "train_accuracy": float(totals["correct"][k] / totals["count"]),
+            "test_loss": test[k]["loss"],
+            "test_accuracy": test[k]["accuracy"],
+            "images_per_second": float(totals["count"] / timing["train_seconds"]),
+            "seconds": timing["seconds"],
+            "learning_rate": float(trainer.lr_schedules[group](phase_epoch * steps - 1)),
+        }
+        if phase.scheduler == "end_to_end":
+            record["grad_norms"] = [float(v / steps) for v in totals["grad_norm"]]
+        else:
+            record["grad_norm"] = float(totals["grad_norm"][k] / steps)
+        for name in terms:
+            record[name] = float(totals[name][k] / steps)
+        record["elapsed_seconds"] = timing["elapsed_seconds"]
+        record["train_step_bytes"] = timing["train_step_bytes"]
+        records.append(record)
+    return records
+
+
+def _summary(trainer: Trainer, records: list[dict], num_epochs: int, wall_seconds: float) -> dict[str, Any]:
+    """Final accuracy of the classifier (the last stage's head) and, for layer-wise runs, of every head."""
+    by_stage: dict[int | None, dict] = {}
+    for r in records:
+        by_stage[r["stage"]] = r  # the latest record of each stage
+    end_to_end = trainer.config.scheduler == "end_to_end"
+    final = by_stage[None] if end_to_end else by_stage[trainer.num_stages]
+    # One compiled training step per phase: per stage for the sequential scheduler, else one for the run.
+    if trainer.config.scheduler == "sequential":
+        phase_bytes = [by_stage[k]["train_step_bytes"] for k in range(1, trainer.num_stages + 1)]
+    else:
+        phase_bytes = [records[-1]["train_step_bytes"]]
+    heads = [by_stage[k]["test_accuracy"] for k in range(1, trainer.num_stages + 1)] if not end_to_end else None
+    return {
+        "test_accuracy": final["test_accuracy"],
+        "stage_accuracies": heads,
+        "scheduler": trainer.config.scheduler,
+        "objective": trainer.config.objective.name,
+        "num_epochs": num_epochs,
+        "wall_seconds": wall_seconds,
+        "train_step_peak_bytes": max((b for b in phase_bytes if b is not None), default=None),
+        "phase_peak_bytes": phase_bytes,
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def _resume_note(checkpoints: Checkpoints | None) -> str:
+    if checkpoints is None:
+        return "checkpoints are off (train.checkpoint=False): a rerun starts over"
+    return checkpoints.resume_note()
+
+
+def _check_finite(state, where: str, steps_per_epoch: int, epoch: int) -> None:
+    bad_step = int(state.nonfinite_step)
+    if bad_step < 0:
+        return
+    raise NonFiniteLossError(
+        f"the training loss became NaN/Inf in {where}, step {bad_step - (epoch - 1) * steps_per_epoch + 1} of that "
+        f"epoch (global step {bad_step + 1}); the state was not updated from that step on. A rerun of this "
+        "configuration repeats it: lower optimizer.learning_rate or the objective's weights, and start over with "
+        "--config.train.overwrite=True"
+    )
+
+
+def _interrupted(stop: _StopRequests, checkpoints: Checkpoints | None, where: str) -> RunInterrupted:
+    number = stop.signal_number or signal.SIGINT
+    return RunInterrupted(f"stopped by {signal.Signals(number).name} in {where}; {_resume_note(checkpoints)}", number)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Workdir, stop: _StopRequests) -> dict[str, Any]:
     start = time.perf_counter()
-    workdir = pathlib.Path(workdir).absolute()
-    check_config(config)
+    config_lib.check_config(config)
+    workdir.check(config)
+    analyse = bool(config.analysis.enabled)
+    finished = workdir.finished_summary(config)
+    if finished is not None and not (analyse and not workdir.file(ANALYSIS_FILE).exists()):
+        print(f"{workdir.path} holds this finished run: {_finished_line(finished, workdir.file('summary.json'))}")
+        return finished
+
     train_ds, test_ds, info = data.load(config.data)
-    _check_batch_sizes(config, len(train_ds))
-    _check_workdir(config, workdir)
-
-    steps = data.steps_per_epoch(len(train_ds), config.train.batch_size)
-    trainer = Trainer(config, info, steps)
-    state = jax.device_put(trainer.initial_state, trainer.replicated)
+    config_lib.check_batch_sizes(config, len(train_ds), jax.device_count())
+    workdir.claim(config)
+    trainer = Trainer(config, info, data.steps_per_epoch(len(train_ds), config.train.batch_size))
     total_epochs = sum(phase.num_epochs for phase in trainer.phases)
+    if finished is not None:
+        return _analyse(workdir, trainer, train_ds, finished)
 
-    analyse = "analysis" in config and config.analysis.enabled
+    _header(config, workdir, trainer, train_ds, test_ds)
     # The analysis reads the checkpoints of its epochs (0: the initial state), so those are kept.
     kept = set(analysis.analysis_epochs(config.analysis.epochs, total_epochs)) if analyse else set()
+    checkpoints = Checkpoints(workdir.path, keep_epochs=kept) if config.train.checkpoint else None
+    try:
+        records, elapsed_before = _train(config, workdir, trainer, checkpoints, stop, train_ds, test_ds, start, kept)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
+
+    summary = _summary(trainer, records, total_epochs, elapsed_before + time.perf_counter() - start)
+    path = workdir.write_summary(summary)
     if analyse:
-        policies = ocp.checkpoint_managers.preservation_policy
-        policy = policies.AnyPreservationPolicy([policies.LatestN(2), policies.CustomSteps(kept)])
-        keep = {"preservation_policy": policy}
+        summary = _analyse(workdir, trainer, train_ds, summary)
+    print(f"finished: {_finished_line(summary, path)}")
+    return summary
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: Workdir,
+    trainer: Trainer,
+    checkpoints: Checkpoints | None,
+    stop: _StopRequests,
+    train_ds: data.ArrayDataset,
+    test_ds: data.ArrayDataset,
+    start: float,
+    kept: set[int],
+) -> tuple[list[dict], float]:
+    """Trains from the newest intact checkpoint to the end.
+
+    Returns:
+        Every epoch's records, and the wall time of the earlier invocations that contributed kept epochs.
+    """
+    total_epochs = sum(phase.num_epochs for phase in trainer.phases)
+    analyse = bool(config.analysis.enabled)
+    completed, state = (None, None) if checkpoints is None else checkpoints.restore_latest(trainer.abstract_state())
+    completed = completed or 0
+    if state is None:
+        state = trainer.create_state()
+        if 0 in kept:
+            checkpoints.save(0, state)
     else:
-        keep = {"max_to_keep": 2}
-    manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(create=True, **keep))
-    first_epoch = 0
-    if manager.latest_step() is not None:
-        first_epoch = manager.latest_step()
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = manager.restore(first_epoch, args=ocp.args.StandardRestore(abstract))
-    elif 0 in kept:
-        manager.save(0, args=ocp.args.StandardSave(state))
+        print(f"resuming after epoch {completed}/{total_epochs}, from its checkpoint")
 
-    metrics_path = workdir / "metrics.jsonl"
-    records = []
-    if metrics_path.exists():
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        records = [r for r in records if r["epoch"] < first_epoch]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    records = workdir.read_records(METRICS_FILE, before_epoch=completed + 1)
+    workdir.read_records(GRADIENT_FILE, before_epoch=completed + 1)
     # Wall time counts every invocation that contributed a kept epoch (not the work an interruption lost).
-    elapsed_before = records[-1].get("elapsed_seconds", 0.0) if records else 0.0
-    gradient_path = workdir / analysis.GRADIENT_FILE
-    if gradient_path.exists():
-        kept_lines = [line for line in gradient_path.read_text().splitlines() if line.strip()]
-        kept_lines = [line for line in kept_lines if json.loads(line)["epoch"] < first_epoch]
-        gradient_path.write_text("".join(line + "\n" for line in kept_lines))
-
-    sample_batch = trainer.shard(next(data.train_batches(train_ds, config.train.batch_size, seed=config.seed, epoch=0)))
-    peak_bytes: list[int | None] = []
-    epoch = 0
+    elapsed_before = records[-1]["elapsed_seconds"] if records else 0.0
+    show_bars = bool(config.train.progress) and sys.stderr.isatty()
+    batch_size = config.train.batch_size
+    sample_batch = None
+    epoch, where = 0, "the run's set-up"
     try:
         for phase_index, phase in enumerate(trainer.phases):
+            if epoch + phase.num_epochs <= completed:
+                epoch += phase.num_epochs
+                continue
+            if sample_batch is None:
+                sample_batch = trainer.shard(next(data.train_batches(train_ds, batch_size, seed=config.seed, epoch=1)))
+            what = "the network" if phase.stage is None else f"stage {phase.stage + 1}/{trainer.num_stages}"
+            where = f"the compilation of {what}'s training step"
+            print(f"compiling {what}'s training step …")
+            compile_start = time.perf_counter()
             # Compiled once ahead of time: the executable gives XLA's memory analysis and runs every step.
             train_step = trainer.train_steps[phase_index].lower(state, sample_batch).compile()
-            peak_bytes.append(trainer.peak_memory_bytes(train_step))
-            for phase_epoch in range(phase.num_epochs):
-                if epoch < first_epoch:
-                    epoch += 1
+            step_bytes = trainer.peak_memory_bytes(train_step)
+            memory = f"; XLA's estimate of its memory: {step_bytes / 2**20:.0f} MiB" if step_bytes else ""
+            print(f"compiled in {time.perf_counter() - compile_start:.1f} s{memory}")
+            head = schedulers.evaluated_heads(phase, trainer.num_stages)[-1]
+            for phase_epoch in range(1, phase.num_epochs + 1):
+                epoch += 1
+                if epoch <= completed:
                     continue
+                where = _position(trainer, phase, phase_epoch, epoch, total_epochs)
                 epoch_start = time.perf_counter()
-                totals = None
-                unit_grad_norms = []
-                bar = tqdm.tqdm(
-                    data.train_batches(train_ds, config.train.batch_size, seed=config.seed, epoch=epoch),
-                    total=steps,
-                    desc=f"{phase.name} epoch {phase_epoch + 1}/{phase.num_epochs}",
-                    disable=not config.train.progress,
-                    leave=False,
-                )
-                head = schedule.evaluated_heads(phase, trainer.num_stages)[-1]
+                totals, unit_grad_norms = None, []
+                batches = data.train_batches(train_ds, batch_size, seed=config.seed, epoch=epoch)
+                bar = tqdm.tqdm(batches, total=trainer.steps_per_epoch, desc=where, disable=not show_bars, leave=False)
                 for i, batch in enumerate(bar):
                     state, metrics = train_step(state, trainer.shard(batch))
                     totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
                     if analyse:
                         unit_grad_norms.append(metrics["unit_grad_norm"])
-                    if (i + 1) % config.train.log_every_steps == 0 or i + 1 == steps:
-                        host = jax.device_get(totals)
-                        _stop_if_nonfinite(state, phase, phase_epoch, epoch, steps)
-                        bar.set_postfix(
-                            loss=f"{host['loss'][head] / (i + 1):.4f}",
-                            acc=f"{host['correct'][head] / host['count']:.4f}",
-                            img_s=f"{host['count'] / (time.perf_counter() - epoch_start):.0f}",
-                        )
+                    stop.raise_if_requested()
+                    if (i + 1) % config.train.log_every_steps == 0:
+                        _check_finite(state, where, trainer.steps_per_epoch, epoch)
+                        if checkpoints is not None:
+                            checkpoints.check()
+                        if show_bars:
+                            host = jax.device_get(totals)
+                            bar.set_postfix(
+                                loss=f"{host['loss'][head] / (i + 1):.4f}",
+                                acc=f"{host['correct'][head] / host['count']:.4f}",
+                                img_s=f"{host['count'] / (time.perf_counter() - epoch_start):.0f}",
+                            )
                 bar.close()
                 host = jax.device_get(totals)
-                _stop_if_nonfinite(state, phase, phase_epoch, epoch, steps)
-                host["_train_seconds"] = time.perf_counter() - epoch_start
-                test = evaluate(trainer, phase_index, state, test_ds, config.train.eval_batch_size)
-                host["_seconds"] = time.perf_counter() - epoch_start
-                host["_steps"] = (phase_epoch + 1) * steps
-                epoch_records = _epoch_records(trainer, phase, epoch, phase_epoch, host, steps, test)
-                for r in epoch_records:
-                    r["elapsed_seconds"] = elapsed_before + time.perf_counter() - start
-                records.extend(epoch_records)
-                with metrics_path.open("a") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in epoch_records)
-                if analyse:
-                    norms = np.stack(jax.device_get(unit_grad_norms)).tolist()
-                    with gradient_path.open("a") as f:
-                        f.write(json.dumps({"epoch": epoch, "stage": phase.stage, "norms": norms}) + "\n")
-                for r in epoch_records:
-                    where = "" if r["stage"] is None else f"stage {r['stage']} "
+                _check_finite(state, where, trainer.steps_per_epoch, epoch)
+                train_seconds = time.perf_counter() - epoch_start
+                test = trainer.evaluate(phase_index, state, test_ds, config.train.eval_batch_size)
+                stop.raise_if_requested()
+                timing = {
+                    "train_seconds": train_seconds,
+                    "seconds": time.perf_counter() - epoch_start,
+                    "elapsed_seconds": elapsed_before + time.perf_counter() - start,
+                    "train_step_bytes": step_bytes,
+                }
+                new_records = epoch_records(trainer, phase, epoch, phase_epoch, host, test, timing)
+                records.extend(new_records)
+                try:
+                    workdir.append_records(METRICS_FILE, new_records)
+                    if analyse:
+                        norms = np.stack(jax.device_get(unit_grad_norms)).tolist()
+                        stage = None if phase.stage is None else phase.stage + 1
+                        workdir.append_records(GRADIENT_FILE, [{"epoch": epoch, "stage": stage, "norms": norms}])
+                except WorkdirError as e:
+                    raise WorkdirError(
+                        f"{e}, after {where}; {_resume_note(checkpoints)} once the cause is fixed"
+                    ) from e
+                for r in new_records:
+                    shown = where if r["stage"] is None or phase.stage is not None else f"head {r['stage']}, {where}"
                     print(
-                        f"{where}epoch {epoch + 1}/{total_epochs}: train loss {r['train_loss']:.4f} "
-                        f"acc {r['train_accuracy']:.4f} | test loss {r['test_loss']:.4f} "
-                        f"acc {r['test_accuracy']:.4f} | {r['images_per_second']:.0f} img/s"
+                        f"{shown}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f} | "
+                        f"test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f} | "
+                        f"{r['images_per_second']:.0f} img/s"
                     )
-                epoch += 1
-                if config.train.checkpoint:
-                    manager.save(epoch, args=ocp.args.StandardSave(state))
-    finally:
-        # Finish writing the last good checkpoint even when the run stops on an error.
-        manager.wait_until_finished()
-        manager.close()
+                if checkpoints is not None:
+                    checkpoints.save(epoch, state)
+    except KeyboardInterrupt:
+        if checkpoints is not None:
+            checkpoints.wait()  # the last checkpoint is complete before the run stops
+        raise _interrupted(stop, checkpoints, where) from None
+    return records, elapsed_before
 
-    summary = _summary(trainer, records)
-    summary.update(
-        {
-            "wall_seconds": elapsed_before + time.perf_counter() - start,
-            "train_step_peak_bytes": max((b for b in peak_bytes if b is not None), default=None),
-            "phase_peak_bytes": peak_bytes,
-            "num_epochs": total_epochs,
-            "devices": [str(d) for d in jax.devices()],
-        }
-    )
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if analyse:
-        analysis_start = time.perf_counter()
-        analysis.analyze_run(workdir, trainer, train_ds)
-        summary["analysis_seconds"] = time.perf_counter() - analysis_start
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+def _analyse(workdir: Workdir, trainer: Trainer, train_ds: data.ArrayDataset, summary: dict) -> dict:
+    analysis_start = time.perf_counter()
+    print("analysing the run's checkpoints …")
+    analysis.analyze_run(workdir.path, trainer, train_ds)
+    summary = dict(summary, analysis_seconds=time.perf_counter() - analysis_start)
+    workdir.write_summary(summary)
     return summary
-
-
-def _summary(trainer: Trainer, records: list[dict]) -> dict[str, Any]:
-    """Final test accuracy of the classifier (the last stage's head) and, for layer-wise runs, of every head."""
-    last = trainer.num_stages - 1
-    by_stage: dict[int | None, dict] = {}
-    for r in records:
-        by_stage[r["stage"]] = r  # the latest record of each stage
-    schedule_name = trainer.config.schedule
-    final = by_stage[None] if schedule_name == "end_to_end" else by_stage[last]
-    stage_accuracies = None
-    if schedule_name != "end_to_end":
-        stage_accuracies = [by_stage[k]["test_accuracy"] for k in range(trainer.num_stages)]
-    return {
-        "test_accuracy": final["test_accuracy"],
-        "stage_accuracies": stage_accuracies,
-        "schedule": schedule_name,
-        "objective": trainer.config.objective.name,
-    }
-
-
-def _stop_if_nonfinite(state: dict, phase: schedule.Phase, phase_epoch: int, epoch: int, steps_per_epoch: int):
-    bad_step = int(state["nonfinite_step"])
-    if bad_step >= 0:
-        raise NonFiniteLossError(
-            f"the training loss became NaN/Inf at {phase.name}, epoch {phase_epoch + 1}, "
-            f"step {bad_step - epoch * steps_per_epoch + 1} of that epoch (global step {bad_step + 1}); "
-            "the state was not updated from that step on and the last good checkpoint is kept"
-        )

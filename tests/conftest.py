@@ -1,4 +1,24 @@
 import jax
+import numpy as np
+import pytest
 
-# Tests compare float32 and float64 results; float64 arrays need x64 mode.
-jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture
+def x64():
+    """Float64 arrays for the test that asks for it; the rest of the suite runs JAX's default float32 path."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A learnable 10-class npz data set of 16×16 images: the class sets the image's brightness."""
+    folder = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 96), ("test", 40)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 16, 16, 3)) + 20 * labels[:, None, None, None]
+        np.savez(folder / f"{split}.npz", image=images.astype(np.uint8), label=labels)
+    return folder

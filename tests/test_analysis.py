@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dibjax import analysis, config_lib, data, models, plots, schedule, train
+from dibjax import analysis, config_lib, data, models, plots, schedulers, train, trainer
 from tests import reference as ref
-from tests.test_train import ROOT, smoke_config, tiny_data  # noqa: F401  (fixture)
+from tests.runs import ROOT, smoke_config
 
 ALPHA = 1.01
 
@@ -24,7 +24,7 @@ def numpy_cka(x, y):
     return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
 
 
-def test_linear_cka_matches_the_feature_space_formula_and_its_invariances():
+def test_linear_cka_matches_the_feature_space_formula_and_its_invariances(x64):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 12)), rng.normal(size=(40, 7)) + 0.5 * rng.normal(size=(40, 1))
     gram = lambda z: jnp.asarray(z @ z.T)  # noqa: E731
@@ -96,10 +96,10 @@ def test_analysis_epochs_and_probe_indices():
 def probe_setup():
     """A 4-unit small CNN (one of them two units in a stage) and a probe batch of 24 images."""
     config = config_lib.get_config("cifar10", "smoke,sgd")
-    model_config = train._model_config(config.model)
+    model_config = config_lib.model_fields(config)
     model_config.update(split="groups", num_groups=3)
     model = models.build_model(model_config, 10, nnx.Rngs(0))
-    net = schedule.StagedNetwork(model)
+    net = schedulers.FunctionalModel(model)
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 10, 24)
     images = (rng.integers(0, 80, (24, 16, 16, 3)) + 15 * labels[:, None, None, None]).astype(np.uint8)
@@ -112,7 +112,7 @@ def test_unit_outputs_are_the_layers_of_the_eval_model(probe_setup):
     model, net, _, images, _, info = probe_setup
     assert net.unit_names == ("conv1+pool", "conv2+pool", "conv3+pool", "conv4+pool")
     x = data.normalize(jnp.asarray(images), info)
-    outputs = net.unit_outputs(net.initial_params, net.initial_extra, x)
+    outputs = net.unit_outputs(net.initial_params, net.initial_batch_stats, x)
     model.eval()
     h, expected = x, []
     for stage in model.stages:
@@ -127,12 +127,12 @@ def test_unit_outputs_are_the_layers_of_the_eval_model(probe_setup):
 
 def test_mi_matrix_and_similarities_match_numpy_float64(probe_setup):
     _, net, probe, images, labels, info = probe_setup
-    params, extra = net.initial_params, net.initial_extra
-    reference = probe.reference(params, extra)
-    out = jax.device_get(probe.epoch(params, extra, reference))
+    params, batch_stats = net.initial_params, net.initial_batch_stats
+    reference = probe.reference(params, batch_stats)
+    out = jax.device_get(probe.epoch(params, batch_stats, reference))
 
     x = np.asarray(data.normalize(jnp.asarray(images), info), np.float64)
-    units = [np.asarray(t, np.float64) for t in net.unit_outputs(params, extra, jnp.asarray(x, jnp.float32))]
+    units = [np.asarray(t, np.float64) for t in net.unit_outputs(params, batch_stats, jnp.asarray(x, jnp.float32))]
     grams = [ref.normalize(ref.gaussian_gram(z, ref.median_sigma(z))) for z in [x, *units]]
     grams.append(ref.normalize((labels[:, None] == labels[None, :]).astype(np.float64)))
     expected = np.array(
@@ -154,13 +154,13 @@ def test_mi_matrix_and_similarities_match_numpy_float64(probe_setup):
 
 def test_similarity_to_another_state_matches_numpy_float64(probe_setup):
     _, net, probe, images, _, info = probe_setup
-    params, extra = net.initial_params, net.initial_extra
+    params, batch_stats = net.initial_params, net.initial_batch_stats
     other = jax.tree.map(lambda a: a * 1.5 + 0.1 if a.ndim == 4 else a, params)  # rescaled conv kernels
-    reference = probe.reference(other, extra)
-    out = jax.device_get(probe.epoch(params, extra, reference))
+    reference = probe.reference(other, batch_stats)
+    out = jax.device_get(probe.epoch(params, batch_stats, reference))
     x = data.normalize(jnp.asarray(images), info)
-    now = [np.asarray(t, np.float64) for t in net.unit_outputs(params, extra, x)]
-    final = [np.asarray(t, np.float64) for t in net.unit_outputs(other, extra, x)]
+    now = [np.asarray(t, np.float64) for t in net.unit_outputs(params, batch_stats, x)]
+    final = [np.asarray(t, np.float64) for t in net.unit_outputs(other, batch_stats, x)]
     for k, (a_feat, f_feat) in enumerate(zip(now, final, strict=True)):
         a = ref.normalize(ref.gaussian_gram(a_feat, ref.median_sigma(a_feat)))
         f = ref.normalize(ref.gaussian_gram(f_feat, ref.median_sigma(f_feat)))
@@ -170,22 +170,22 @@ def test_similarity_to_another_state_matches_numpy_float64(probe_setup):
     assert np.all(out["cka"] < 1 - 1e-4)
 
 
-def test_unit_gradient_norms_split_each_stage_norm(tiny_data, tmp_path):  # noqa: F811
+def test_unit_gradient_norms_split_each_stage_norm(tiny_data, tmp_path):
     config = smoke_config(tiny_data, **{"model.split": "groups", "model.num_groups": 2})
     info = data.DATASETS["cifar10"]
-    trainer = train.Trainer(config, info, steps_per_epoch=1)
+    run_trainer = trainer.Trainer(config, info, steps_per_epoch=1)
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.integers(0, 255, (16, 16, 16, 3)).astype(np.uint8),
         "label": rng.integers(0, 10, 16).astype(np.int32),
     }
-    _, metrics = trainer.train_steps[0](trainer.initial_state, batch)
+    _, metrics = run_trainer.train_steps[0](run_trainer.create_state(), batch)
     units, stages = np.asarray(metrics["unit_grad_norm"]), np.asarray(metrics["grad_norm"])
     assert units.shape == (4,) and np.all(units > 0)
     np.testing.assert_allclose([np.hypot(*units[:2]), np.hypot(*units[2:])], stages, rtol=1e-5)
 
 
-def test_run_with_analysis_keeps_its_checkpoints_and_writes_results_and_figures(tiny_data, tmp_path):  # noqa: F811
+def test_run_with_analysis_keeps_its_checkpoints_and_writes_results_and_figures(tiny_data, tmp_path):
     workdir = tmp_path / "run"
     config = smoke_config(tiny_data, **{"train.num_epochs": 2, "analysis.enabled": True, "analysis.probe_size": 24})
     summary = train.train_and_evaluate(config, workdir)
@@ -207,7 +207,7 @@ def test_run_with_analysis_keeps_its_checkpoints_and_writes_results_and_figures(
     assert result["seconds"]["analysis_over_training"] > 0
 
     gradients = analysis.read_gradient_norms(workdir)
-    assert [g["epoch"] for g in gradients] == [0, 1]
+    assert [g["epoch"] for g in gradients] == [1, 2]
     steps = data.steps_per_epoch(96, 16)
     assert all(np.asarray(g["norms"]).shape == (steps, 4) for g in gradients)
     assert np.all(np.asarray(gradients[0]["norms"]) > 0)
@@ -218,7 +218,7 @@ def test_run_with_analysis_keeps_its_checkpoints_and_writes_results_and_figures(
 
     # The command line re-analyses the finished run to the same numbers.
     (workdir / "analysis.json").unlink()
-    command = [sys.executable, "-m", "dibjax.analyze", f"--workdir={workdir}", "--epochs=0,2", "--nofigures"]
+    command = [sys.executable, "-m", "dibjax.analysis", f"--workdir={workdir}", "--epochs=0,2", "--nofigures"]
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     again = json.loads((workdir / "analysis.json").read_text())
@@ -228,7 +228,7 @@ def test_run_with_analysis_keeps_its_checkpoints_and_writes_results_and_figures(
     assert "convergence epoch per layer" in out.stdout
 
 
-def test_bad_analysis_settings_are_refused_before_training(tiny_data, tmp_path):  # noqa: F811
+def test_bad_analysis_settings_are_refused_before_training(tiny_data, tmp_path):
     for field, value, message in (
         ("analysis.width", "widest", "unknown analysis.width 'widest'"),
         ("analysis.alpha", 1.0, "analysis.alpha"),
@@ -266,3 +266,26 @@ def test_gradient_curves_skip_untrained_steps_and_align_layers_by_their_own_step
             np.testing.assert_array_equal(lines[unit].get_xdata(), expected_x[unit])
             y = np.asarray(lines[unit].get_ydata(), np.float64)
             np.testing.assert_array_equal(y[~np.isnan(y)], values)  # untrained steps are gaps, never zeros
+
+
+def test_a_run_without_the_analysis_is_analysed_only_as_far_as_it_can_be(tiny_data, tmp_path):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(smoke_config(tiny_data, **{"train.num_epochs": 3}), workdir)
+    command = [sys.executable, "-m", "dibjax.analysis", f"--workdir={workdir}"]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: {workdir} kept the checkpoints of epochs 2,3 only: a run keeps its last two unless trained with "
+        "--config.analysis.enabled=True, which keeps the initial state and every analysed epoch, as layer "
+        "convergence and information-plane trajectories need. Retrain with it, or pass --epochs=2,3 to analyse "
+        "just these epochs"
+    )
+    chosen = subprocess.run([*command, "--epochs=2,3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert chosen.returncode == 0, chosen.stderr[-3000:]
+    assert (
+        "convergence epochs: not determined (the analysed epochs start at 2, not at the initialisation" in chosen.stdout
+    )
+    assert "per-step gradient norms: none recorded" in chosen.stdout
+    result = json.loads((workdir / "analysis.json").read_text())
+    assert result["epochs"] == [2, 3] and result["convergence_epoch"] is None
+    assert {p.name for p in (workdir / "figures").iterdir()} == {"information_plane.png", "mi_matrices.png"}

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dibjax import data
+from dibjax import data, errors, streams
+from dibjax.data import cifar as data_cifar
+from dibjax.data import gtsrb as data_gtsrb
 
 
 def _config(**fields):
@@ -66,6 +68,40 @@ def test_dataset_info_constants():
     assert data.DATASETS["gtsrb"].num_classes == 43
     assert data.DATASETS["cifar10"].flip and data.DATASETS["cifar100"].flip
     assert not data.DATASETS["gtsrb"].flip  # a mirrored "keep left" is "keep right"
+
+
+def test_errors_are_the_project_classes(tmp_path, monkeypatch):
+    """Each failure raises its dibjax.errors class, a subclass of the built-in exception raised before."""
+    with pytest.raises(errors.ConfigError, match="unknown data set name 'mnist'"):
+        data.load(_config(name="mnist", dir=str(tmp_path)))
+    with pytest.raises(errors.ConfigError, match="'tfds' cannot serve 'gtsrb'"):
+        data.load(_config(name="gtsrb", source="tfds", dir=str(tmp_path)))
+    with pytest.raises(errors.ConfigError, match="config.train_limit"):
+        data.load(_config(dir=str(tmp_path), train_limit=-1))
+    with pytest.raises(errors.ConfigError, match="unknown CIFAR data set 'gtsrb'"):
+        data.download_cifar("gtsrb", tmp_path)
+    with pytest.raises(errors.DataNotFoundError, match="npz data folder .* does not exist"):
+        data.load(_config(dir=str(tmp_path / "absent")))
+    with pytest.raises(errors.DataNotFoundError, match="GTSRB folder .* does not exist"):
+        data.load(_config(name="gtsrb", source="gtsrb", dir=str(tmp_path / "absent")))
+    _write_npz(tmp_path / "train.npz", 4)
+    np.savez(tmp_path / "test.npz", image=np.zeros((4, 8, 8, 3), np.float32), label=np.zeros(4, np.int64))
+    with pytest.raises(errors.DataError, match="images must be a uint8 NumPy array, got float32"):
+        data.load(_config(dir=str(tmp_path)))
+    with pytest.raises(errors.DataError, match="labels must be int32"):
+        data.ArrayDataset(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))
+    dataset = _tiny(n=8)
+    with pytest.raises(errors.ConfigError, match=r"batch_size must lie in \[1, 8\]"):
+        next(data.train_batches(dataset, 9, seed=0, epoch=1))
+    with pytest.raises(errors.ConfigError, match="batch_size must be positive"):
+        next(data.eval_batches(dataset, 0))
+    with pytest.raises(errors.ConfigError, match="validation_size=8 must be between 1 and 7"):
+        data.split_validation(dataset, 8)
+    with pytest.raises(errors.ConfigError, match="crop_padding must be non-negative"):
+        data.augment(dataset.images, jax.random.key(0), crop_padding=-1)
+    monkeypatch.setattr(urllib.request, "urlopen", _offline)
+    with pytest.raises(errors.DownloadError, match="GTSRB_Final_Training_Images.zip failed"):
+        data.download_gtsrb(tmp_path / "gtsrb")
 
 
 # --------------------------------------------------------------------------- npz
@@ -363,14 +399,14 @@ def test_download_gtsrb_unzips_the_official_archives(tmp_path, monkeypatch):
         return io.BytesIO(served[url.rsplit("/", 1)[1]])
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    monkeypatch.setattr(data, "_GTSRB_ARCHIVES", dict.fromkeys(served))  # no MD5 for fake archives
+    monkeypatch.setattr(data_gtsrb, "_GTSRB_ARCHIVES", dict.fromkeys(served))  # no MD5 for fake archives
     target = tmp_path / "gtsrb"
     assert data.download_gtsrb(target) == target
-    assert requested == [data._GTSRB_URL + name for name in served]
+    assert requested == [data_gtsrb._GTSRB_URL + name for name in served]
     train, test, info = data.load(_config(name="gtsrb", source="gtsrb", dir=str(target)))
     _check_gtsrb(train, test, info, colours)
 
-    monkeypatch.setattr(data, "_GTSRB_ARCHIVES", {"GTSRB_Final_Test_GT.zip": "0" * 32})
+    monkeypatch.setattr(data_gtsrb, "_GTSRB_ARCHIVES", {"GTSRB_Final_Test_GT.zip": "0" * 32})
     with pytest.raises(ValueError, match="GTSRB_Final_Test_GT.zip: MD5 .*expected 0000"):
         data.download_gtsrb(target)
 
@@ -560,7 +596,7 @@ def test_tfds_downloads_and_prepares_on_first_use(tfds, tmp_path, monkeypatch):
         return io.BytesIO(payload)
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    monkeypatch.setitem(data._CIFAR_MD5, "cifar10", _md5(archive))
+    monkeypatch.setitem(data_cifar._CIFAR_MD5, "cifar10", _md5(archive))
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     train, test, _ = data.load(_config(name="cifar10", source="tfds", dir=str(data_dir)))
@@ -592,7 +628,7 @@ def test_download_cifar_checks_the_md5(tfds, tmp_path, monkeypatch):
     shutil.copy(archive, data_dir / archive.name)
     with pytest.raises(ValueError, match=r"data/cifar-10-python.tar.gz: MD5 .*expected c58f30108f718f92.*delete"):
         data.download_cifar("cifar10", data_dir)
-    monkeypatch.setitem(data._CIFAR_MD5, "cifar10", _md5(archive))
+    monkeypatch.setitem(data_cifar._CIFAR_MD5, "cifar10", _md5(archive))
     train, _, _ = data.load(_config(name="cifar10", source="tfds", dir=str(data_dir), download=False))
     _check_loaded(train, expected["train"])
 
@@ -607,6 +643,7 @@ def test_tfds_offline_and_download_off(tfds, tmp_path, monkeypatch):
     ):
         with pytest.raises(ConnectionError) as error:
             load()
+        assert isinstance(error.value, errors.DownloadError)
         message = str(error.value)
         assert "downloading https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz failed" in message
         assert "Name or service not known" in message
@@ -614,6 +651,8 @@ def test_tfds_offline_and_download_off(tfds, tmp_path, monkeypatch):
         assert not list(data_dir.glob("*.tar.gz*"))  # no partial download left behind
         assert not tfds.builder("cifar100", data_dir=str(data_dir)).is_prepared()
     with pytest.raises(FileNotFoundError, match=r"not prepared in .*config.download is False.*cifar-100-python.tar.gz"):
+        data.load(_config(name="cifar100", source="tfds", dir=str(data_dir), download=False))
+    with pytest.raises(errors.DataNotFoundError, match="config.download is False"):
         data.load(_config(name="cifar100", source="tfds", dir=str(data_dir), download=False))
     with pytest.raises(FileNotFoundError, match=r"does not exist.*first use") as error:
         data.load(_config(name="cifar10", source="tfds", dir=str(tmp_path / "absent")))
@@ -667,16 +706,18 @@ def test_train_batches_order_is_a_function_of_seed_and_epoch():
     assert len(set(ids.tolist())) == 20
     labels = np.concatenate([b["label"] for b in batches])
     np.testing.assert_array_equal(labels, dataset.labels[ids])
-    expected = np.random.default_rng([0, 3]).permutation(23)[:20]
+    expected = streams.order_rng(0, 3).permutation(23)[:20]
     np.testing.assert_array_equal(ids, expected)
+    with pytest.raises(errors.ConfigError, match="epoch positive, got seed=0, epoch=0"):
+        next(data.train_batches(dataset, 5, seed=0, epoch=0))
 
 
 def test_train_batches_rejects_bad_batch_sizes():
     dataset = _tiny(n=8)
     for batch_size in (0, -1, 9):
         with pytest.raises(ValueError, match=r"batch_size must lie in \[1, 8\]"):
-            next(data.train_batches(dataset, batch_size, seed=0, epoch=0))
-    assert len(list(data.train_batches(dataset, 8, seed=0, epoch=0))) == 1
+            next(data.train_batches(dataset, batch_size, seed=0, epoch=1))
+    assert len(list(data.train_batches(dataset, 8, seed=0, epoch=1))) == 1
 
 
 def test_eval_batches_cover_every_sample_once():

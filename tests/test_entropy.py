@@ -13,6 +13,11 @@ from jax.test_util import check_grads
 from dibjax import entropy as E
 from tests import reference as ref
 
+# Every expected value is computed in float64 and most tests feed float64 arrays, which need x64 mode; the
+# float32 cases pass float32 arrays explicitly, so they still run the float32 path.
+pytestmark = pytest.mark.usefixtures("x64")
+
+
 ALPHAS = (0.5, 1.0, 1.01, 2.0, 3.0)
 N = 16
 

@@ -48,7 +48,7 @@ def images(seed=0, batch=BATCH, size=32):
 
 
 def bn_layers(model):
-    return [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+    return [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
 
 
 def test_models_tuple_matches_expectations():

@@ -9,6 +9,9 @@ import pytest
 from dibjax import objectives
 from tests import reference
 
+# The NumPy references are float64 and most tests feed float64 arrays, which need x64 mode.
+pytestmark = pytest.mark.usefixtures("x64")
+
 
 def batch(seed=0, n=24, shape=(6, 6, 5), classes=4):
     rng = np.random.default_rng(seed)

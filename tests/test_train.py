@@ -9,9 +9,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dibjax import config_lib, train
+from dibjax import config_lib, errors, train, trainer
+from tests.runs import ROOT, smoke_config, stop_at_evaluation
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECORD_KEYS = {
     "stage",
     "epoch",
@@ -24,36 +24,8 @@ RECORD_KEYS = {
     "learning_rate",
     "phase_epoch",
     "elapsed_seconds",
+    "train_step_bytes",
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A learnable 10-class npz data set: the class sets the image's brightness."""
-    folder = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 96), ("test", 40)):
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 60, (n, 16, 16, 3)) + 20 * labels[:, None, None, None]
-        np.savez(folder / f"{split}.npz", image=images.astype(np.uint8), label=labels)
-    return folder
-
-
-def smoke_config(data_dir, method="sgd", **overrides):
-    config = config_lib.get_config("cifar10", f"smoke,{method}")
-    config.data.source = "npz"
-    config.data.dir = str(data_dir)
-    config.data.image_size = 16
-    config.train.batch_size = 16
-    config.train.eval_batch_size = 16
-    config.train.progress = False
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
 
 
 def final_state(workdir):
@@ -64,19 +36,10 @@ def final_state(workdir):
 
 def interrupted_then_resumed(config, workdir, monkeypatch):
     """Runs ``config`` until the second evaluation (after the first epoch's checkpoint), stops it, reruns it."""
-    calls = {"n": 0}
-    real_evaluate = train.evaluate
-
-    def interrupted_evaluate(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train, "evaluate", interrupted_evaluate)
-    with pytest.raises(KeyboardInterrupt):
+    restore = stop_at_evaluation(monkeypatch, 2)
+    with pytest.raises(errors.RunInterrupted, match=r"stopped by SIGINT in .*epoch 2.*checkpoint of epoch 1 is intact"):
         train.train_and_evaluate(config, workdir)
-    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    restore()
     return train.train_and_evaluate(config, workdir)
 
 
@@ -97,13 +60,28 @@ def test_smoke_run_through_the_cli(tiny_data, tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [0, 1]
+    assert [r["epoch"] for r in records] == [1, 2] and [r["phase_epoch"] for r in records] == [1, 2]
     assert all(set(r) == RECORD_KEYS | {"grad_norms", "ce"} for r in records)
     assert all(len(r["grad_norms"]) == 4 and min(r["grad_norms"]) > 0 for r in records)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["test_accuracy"] == records[-1]["test_accuracy"]
-    assert summary["train_step_peak_bytes"] > 0
-    assert "epoch 2/2" in result.stdout
+    assert summary["train_step_peak_bytes"] == records[-1]["train_step_bytes"] > 0
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("dibjax: cifar10 smoke,sgd · scheduler end_to_end, objective ce")
+    assert lines[1].startswith("devices: 1 × cpu") and "96 training / 40 test images" in lines[1]
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch")] == ["epoch 1/2", "epoch 2/2"]
+    assert lines[-1] == (
+        f"finished: test accuracy {100 * summary['test_accuracy']:.2f}% after 2 epochs, "
+        f"{summary['wall_seconds']:.0f} s of training; summary: {workdir / 'summary.json'}"
+    )
+    # No progress bar where the console is not a terminal.
+    assert "\r" not in result.stderr and "it/s" not in result.stderr
+
+    # Rerunning the finished run prints its summary without loading data or compiling.
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout.splitlines() == [f"{workdir} holds this finished run: {lines[-1].removeprefix('finished: ')}"]
 
 
 def test_resuming_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
@@ -115,7 +93,7 @@ def test_resuming_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path,
     straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
     jax.tree.map(np.testing.assert_array_equal, straight, resumed)
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
     # The wall time carries over from the interrupted invocation's kept epoch.
     records = [json.loads(line) for line in lines]
     elapsed = [r["elapsed_seconds"] for r in records]
@@ -126,7 +104,7 @@ def test_resuming_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path,
 def test_workdir_of_another_config_is_refused_unless_overwrite(tiny_data, tmp_path):
     train.train_and_evaluate(smoke_config(tiny_data, **{"train.num_epochs": 1}), tmp_path)
     other = smoke_config(tiny_data, **{"train.num_epochs": 1, "optimizer.learning_rate": 0.01})
-    with pytest.raises(ValueError, match=r"optimizer.learning_rate: 0.1 -> 0.01.*overwrite=True"):
+    with pytest.raises(errors.WorkdirError, match=r"optimizer.learning_rate: 0.1 -> 0.01.*overwrite=True"):
         train.train_and_evaluate(other, tmp_path)
     other.train.overwrite = True
     summary = train.train_and_evaluate(other, tmp_path)
@@ -135,16 +113,15 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(tiny_data, tmp_pa
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
     config = smoke_config(tiny_data, **{"train.num_epochs": 2})
-    real_step = train.Trainer._train_step
+    real_step = trainer.Trainer._train_step
 
     def poisoned_step(self, phase, state, batch):
         # From the 8th step on (epoch 2, whose 6 steps start at 6), images are NaN.
-        step = state["step"]
-        batch = dict(batch, image=jax.numpy.where(step >= 7, jax.numpy.nan, batch["image"].astype("float32")))
+        batch = dict(batch, image=jax.numpy.where(state.step >= 7, jax.numpy.nan, batch["image"].astype("float32")))
         return real_step(self, phase, state, batch)
 
-    monkeypatch.setattr(train.Trainer, "_train_step", poisoned_step)
-    with pytest.raises(train.NonFiniteLossError, match=r"end_to_end, epoch 2, step 2 of that epoch \(global step 8\)"):
+    monkeypatch.setattr(trainer.Trainer, "_train_step", poisoned_step)
+    with pytest.raises(errors.NonFiniteLossError, match=r"in epoch 2/2, step 2 of that epoch \(global step 8\)"):
         train.train_and_evaluate(config, tmp_path)
     with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
         assert manager.all_steps() == [1]
@@ -152,7 +129,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_da
 
 def test_batch_sharded_over_four_devices_gives_the_same_loss(tiny_data, tmp_path):
     script = (
-        "import json, sys; from tests.test_train import smoke_config; from dibjax import train; "
+        "import json, sys; from tests.runs import smoke_config; from dibjax import train; "
         "config = smoke_config(sys.argv[1], **{'train.num_epochs': 1, 'train.checkpoint': False}); "
         "import jax; print(json.dumps([jax.device_count(), train.train_and_evaluate(config, sys.argv[2])]))"
     )
@@ -181,7 +158,10 @@ def test_batch_sharded_over_four_devices_gives_the_same_loss(tiny_data, tmp_path
         ("model.name", "vgg99", r"unknown model.name 'vgg99'; accepted: small_cnn, vgg11"),
         ("data.name", "mnist", r"unknown data.name 'mnist'; accepted: cifar10"),
         ("data.source", "http", r"unknown data.source 'http'; accepted: tfds"),
-        ("schedule", "sideways", r"unknown schedule 'sideways'"),
+        ("scheduler", "sideways", r"unknown scheduler 'sideways'"),
+        ("optimizer.lr_schedule", "linear", r"unknown optimizer.lr_schedule 'linear'; accepted: cosine, multistep"),
+        ("train.batch_size", 0, r"train.batch_size must be a positive integer, got 0"),
+        ("seed", -1, r"seed must be a non-negative integer, got -1"),
         ("objective.name", "ib", r"unknown objective 'ib'; accepted: ce, dib, predsim, hsic"),
         ("objective.dib.compression", "mutual", r"unknown compression 'mutual'"),
         ("model.dtype", "float16", r"unknown model.dtype 'float16'; accepted: float32, bfloat16"),
@@ -190,33 +170,34 @@ def test_batch_sharded_over_four_devices_gives_the_same_loss(tiny_data, tmp_path
 )
 def test_unknown_names_are_refused_before_any_work(tmp_path, field, value, message):
     config = smoke_config(tmp_path / "does-not-exist", "greedy_dib", **{field: value})
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(errors.ConfigError, match=message):
         train.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
 def test_missing_data_folder_says_where_it_looked(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+    with pytest.raises(errors.DataNotFoundError, match="does-not-exist"):
         train.train_and_evaluate(smoke_config(tmp_path / "does-not-exist"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("dataset", config_lib.DATASETS)
 def test_config_variants(dataset):
     for arg in (None, "", "sgd", "cpu", "smoke", "cpu,sgd", "sgd,smoke", "cpu,dgl", "hsic,smoke", "full,predsim"):
         config = config_lib.get_config(dataset, arg)
-        train.check_config(config)
+        config_lib.check_config(config)
         assert config.data.name == dataset
-    for method, (schedule_name, objective) in config_lib.METHOD_RECIPES.items():
+    for method, (scheduler, objective) in config_lib.METHOD_RECIPES.items():
         config = config_lib.get_config(dataset, f"cpu,{method}")
-        assert (config.schedule, config.objective.name, config.method) == (schedule_name, objective, method)
+        assert (config.scheduler, config.objective.name, config.method) == (scheduler, objective, method)
         assert config.model.head == ("linear" if method == "sgd" else "conv")
     default = config_lib.get_config(dataset)
-    assert (default.method, default.schedule, default.objective.name) == ("greedy_dib", "sequential", "dib")
+    assert (default.method, default.scheduler, default.objective.name) == ("greedy_dib", "sequential", "dib")
     assert default.model.name == "vgg11" and default.model.split == "layer"
     assert config_lib.get_config(dataset, "cpu").model.name == "small_cnn"
-    with pytest.raises(ValueError, match=r"unknown config variant 'tpu'.*sizes: \('full', 'cpu', 'smoke'\)"):
+    with pytest.raises(errors.ConfigError, match=r"unknown config variant 'tpu'.*sizes: \('full', 'cpu', 'smoke'\)"):
         config_lib.get_config(dataset, "tpu")
-    with pytest.raises(ValueError, match="two sizes"):
+    with pytest.raises(errors.ConfigError, match="two sizes"):
         config_lib.get_config(dataset, "cpu,smoke")
 
 
@@ -227,13 +208,14 @@ def test_greedy_run_records_every_term_and_resumes_inside_a_stage(tiny_data, tmp
     straight = train.train_and_evaluate(config, tmp_path / "straight")
 
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["epoch"], r["phase_epoch"]) for r in records] == [(0, 0, 0), (0, 1, 1), (1, 2, 0)]
+    assert [(r["stage"], r["epoch"], r["phase_epoch"]) for r in records] == [(1, 1, 1), (1, 2, 2), (2, 3, 1)]
     for r in records:
         assert set(r) == RECORD_KEYS | {"grad_norm", "ce", "H_T", "I_TY"}
         assert r["grad_norm"] > 0 and r["H_T"] > 0 and r["ce"] > 0
     assert straight["stage_accuracies"] == [records[1]["test_accuracy"], records[2]["test_accuracy"]]
     assert straight["test_accuracy"] == records[2]["test_accuracy"]
-    assert len(straight["phase_peak_bytes"]) == 2 and straight["num_epochs"] == 3
+    assert straight["phase_peak_bytes"] == [records[1]["train_step_bytes"], records[2]["train_step_bytes"]]
+    assert straight["num_epochs"] == 3
 
     # Stopped during stage 0's second epoch, after its first checkpoint.
     resumed = interrupted_then_resumed(config, tmp_path / "resumed", monkeypatch)
@@ -244,7 +226,7 @@ def test_greedy_run_records_every_term_and_resumes_inside_a_stage(tiny_data, tmp
 def test_batch_too_small_for_the_estimator_is_refused(tiny_data, tmp_path):
     config = smoke_config(tiny_data, "greedy_dib", **{"train.batch_size": 8})
     config.objective.dib.width = "knn"
-    with pytest.raises(ValueError, match=r"batch_size=8 is too small for the 'dib' objective.*at least 11"):
+    with pytest.raises(errors.ConfigError, match=r"batch_size=8 is too small for the 'dib' objective.*at least 11"):
         train.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -252,14 +234,15 @@ def test_batch_too_small_for_the_estimator_is_refused(tiny_data, tmp_path):
 def test_blas_is_single_threaded_inside_training_and_restored_after():
     import threadpoolctl
 
-    def scipy_blas_threads():
-        infos = [i for i in threadpoolctl.threadpool_info() if "scipy_openblas" in i["prefix"]]
+    def blas_threads():
+        infos = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
         return {i["filepath"]: i["num_threads"] for i in infos}
 
     import scipy.linalg.cython_lapack  # noqa: F401  (loads SciPy's OpenBLAS, as JAX's CPU LAPACK kernels do)
 
-    before = scipy_blas_threads()
+    before = blas_threads()
+    assert any("scipy" in path for path in before), before  # SciPy's own OpenBLAS (its name varies by release)
     with train.single_threaded_blas():
-        inside = scipy_blas_threads()
-    assert inside and set(inside.values()) == {1}
-    assert scipy_blas_threads() == before
+        inside = blas_threads()
+    assert set(inside) == set(before) and set(inside.values()) == {1}
+    assert blas_threads() == before

@@ -9,6 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from dibjax.errors import ConfigError
 from dibjax.models import architectures
 from dibjax.models.layers import Chain, ConvHead, LinearHead
 from dibjax.models.staged import StagedModel, split_evenly
@@ -55,14 +56,14 @@ def _field(config: Any, name: str) -> Any:
 
 def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise ValueError(f"unknown {field} {value!r}; expected one of {', '.join(map(repr, choices))}")
+        raise ConfigError(f"unknown {field} {value!r}; expected one of {', '.join(map(repr, choices))}")
     return value
 
 
 def _check_int(field: str, value: Any, minimum: int) -> int:
     # bool is an int subclass, but `width=True` is a mistake rather than a width of 1
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{field} must be an int >= {minimum}, got {value!r}")
+        raise ConfigError(f"{field} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -89,7 +90,7 @@ def stage_sizes(config: Any) -> tuple[int, ...]:
         return architectures.BLOCK_SIZES[name]
     num_groups = _field(config, "num_groups")
     if num_groups is None:
-        raise ValueError(f"split='groups' needs num_groups, an int between 1 and {num_units} for {name}")
+        raise ConfigError(f"split='groups' needs num_groups, an int between 1 and {num_units} for {name}")
     return split_evenly(num_units, num_groups)
 
 
@@ -122,7 +123,7 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
           ``"bfloat16"`` (mixed precision) convolutions and matmuls take bfloat16 operands and accumulate in
           float32, while the parameters, BatchNorm's statistics and the optimizer stay float32; stage outputs and
           logits are then bfloat16, so cast them to float32 before a loss or an entropy. Accelerators (TPU, recent
-          GPUs) and CPUs with AMX or AVX-512 BF16 units run such matmuls several times faster.
+          GPUs) and CPUs with AMX or AVX-512 BF16 units have hardware for such matmuls.
       num_classes: the number of classes, the size of every head's output.
       rngs: the random streams for initialisation, or an int seed.
 
@@ -139,7 +140,7 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
     width = _check_int("width", DEFAULT_WIDTHS[name] if width is None else width, 1)
     batchnorm = _field(config, "batchnorm")
     if not isinstance(batchnorm, bool):
-        raise ValueError(f"batchnorm must be True or False, got {batchnorm!r}")
+        raise ConfigError(f"batchnorm must be True or False, got {batchnorm!r}")
     head_width = _check_int("head_width", _field(config, "head_width"), 1)
     head_hidden = _check_int("head_hidden", _field(config, "head_hidden"), 0)
     dtype = jnp.dtype(_check_choice("dtype", _field(config, "dtype"), COMPUTE_DTYPES))

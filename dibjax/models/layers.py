@@ -95,10 +95,9 @@ def conv_general_dilated(
 ):
     """``jax.lax.conv_general_dilated`` with a CPU path for 3×3 stride-1 'SAME' convolutions of NHWC images.
 
-    XLA:CPU computes a convolution's gradients several times slower than the same work written as matmuls of the
-    input's 3×3 patches (on 2 cores the small CNN trains at about 360 images/s with the native convolution and about
-    540 with this path). On CPU such a convolution is therefore computed as patches times kernel, the same
-    convolution, except when traced inside :func:`native_convolutions`. Other platforms, and every other
+    XLA:CPU computes a convolution's gradients more slowly than the same work written as matmuls of the input's
+    3×3 patches (docs/benchmarks.md). On CPU such a convolution is therefore computed as patches times kernel, the
+    same convolution, except when traced inside :func:`native_convolutions`. Other platforms, and every other
     convolution, use the native one.
     """
 
@@ -154,7 +153,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     """Non-overlapping 2×2 max-pooling of an NHWC batch.
 
     Written as a reshape and a max for even sizes: its gradient is elementwise, where the gradient of
-    ``reduce_window`` (``select_and_scatter``) is several times slower on CPU.
+    ``reduce_window`` (``select_and_scatter``) is slower on CPU (docs/benchmarks.md).
     """
     n, h, w, c = x.shape
     if h % 2 or w % 2:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from dibjax.errors import ConfigError
+
 
 class StagedModel(nnx.Module):
     """A feed-forward network written as a sequence of stages, with one classifier head per stage.
@@ -109,10 +111,10 @@ def split_evenly(num_units: int, num_groups: int) -> tuple[int, ...]:
     ``split_evenly(8, 3) == (3, 3, 2)``.
     """
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
-        raise ValueError(f"num_groups must be an int between 1 and {num_units}, got {num_groups!r}")
+        raise ConfigError(f"num_groups must be an int between 1 and {num_units}, got {num_groups!r}")
     num_groups = int(num_groups)
     if not 1 <= num_groups <= num_units:
-        raise ValueError(
+        raise ConfigError(
             f"num_groups={num_groups} is out of range: this model has {num_units} units, "
             f"so num_groups must be between 1 and {num_units}"
         )

@@ -26,7 +26,7 @@ samples with σ from a width rule (median heuristic by default) for ``X`` and ev
 
 :func:`analyze_run` runs it on a workdir's checkpoints; the training loop calls it when ``config.analysis.enabled``
 (and then keeps the checkpoints of the analysed epochs, epoch 0 being the initialisation), and
-``python -m dibjax.analyze --workdir=DIR`` calls it on a finished run.
+``python -m dibjax.analysis --workdir=DIR`` (:func:`analyze_workdir`) calls it on a run's folder.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from dibjax import data, entropy
-
-ANALYSIS_FILE = "analysis.json"
-GRADIENT_FILE = "gradient_norms.jsonl"
+from dibjax import data, entropy, streams
+from dibjax.checkpoints import Checkpoints
+from dibjax.errors import CheckpointError, ConfigError, WorkdirError
+from dibjax.workdir import ANALYSIS_FILE, CONFIG_FILE, GRADIENT_FILE, METRICS_FILE, write_text
 
 
 def analysis_epochs(epochs: Sequence[int], total_epochs: int) -> tuple[int, ...]:
@@ -58,15 +58,15 @@ def analysis_epochs(epochs: Sequence[int], total_epochs: int) -> tuple[int, ...]
         return tuple(range(total_epochs + 1))
     bad = [e for e in epochs if not isinstance(e, int | np.integer) or not 0 <= e <= total_epochs]
     if bad:
-        raise ValueError(f"analysis.epochs {tuple(epochs)} holds {bad}: epochs must be integers in 0..{total_epochs}")
+        raise ConfigError(f"analysis.epochs {tuple(epochs)} holds {bad}: epochs must be integers in 0..{total_epochs}")
     return tuple(sorted(set(int(e) for e in epochs) | {total_epochs}))
 
 
 def probe_indices(num_examples: int, size: int, seed: int) -> np.ndarray:
     """A fixed sample of ``size`` training indices (sorted), the same for every epoch of a run."""
     if not 2 <= size <= num_examples:
-        raise ValueError(f"analysis.probe_size={size} must be between 2 and the {num_examples} training images")
-    return np.sort(np.random.default_rng(seed).choice(num_examples, size, replace=False))
+        raise ConfigError(f"analysis.probe_size={size} must be between 2 and the {num_examples} training images")
+    return np.sort(streams.probe_rng(seed).choice(num_examples, size, replace=False))
 
 
 def linear_cka(K: jax.Array, L: jax.Array) -> jax.Array:
@@ -157,8 +157,8 @@ class ProbeAnalysis:
         # I(A; A) under the Hadamard joint estimator: 2 S(A) - S(A ∘ A / tr).
         return 2 * self._entropy(A) - entropy.joint_entropy(A, A, alpha=self.alpha, method="eigh")
 
-    def _grams_fn(self, params, extra, images):
-        outputs = self.net.unit_outputs(params, extra, data.normalize(images, self.info))
+    def _grams_fn(self, params, batch_stats, images):
+        outputs = self.net.unit_outputs(params, batch_stats, data.normalize(images, self.info))
         # Every quantity is estimated in float32, whatever precision the network computed in.
         outputs = [t.astype(jnp.float32) for t in outputs]
         return {
@@ -181,14 +181,14 @@ class ProbeAnalysis:
         cka = jax.vmap(linear_cka)(grams["linear"], final["linear"])
         return {"normalized_mi": nmi, "cka": cka}
 
-    def reference(self, params, extra) -> dict:
+    def reference(self, params, batch_stats) -> dict:
         """The final representations' Gram matrices and entropies, to which every epoch is compared."""
-        grams = self._grams(params, extra, self.images)
+        grams = self._grams(params, batch_stats, self.images)
         return {"grams": grams, "spectra": self._spectra(grams["rbf"])}
 
-    def epoch(self, params, extra, reference) -> dict:
+    def epoch(self, params, batch_stats, reference) -> dict:
         """The MI matrix over (X, T_1, ..., T_L, Y) and every unit's similarity to ``reference``."""
-        grams = self._grams(params, extra, self.images)
+        grams = self._grams(params, batch_stats, self.images)
         stack = jnp.concatenate([self.input_grams[:1], grams["rbf"], self.input_grams[1:]])
         mi = self._mi_matrix(stack)
         similarity = self._similarity(grams, jnp.diagonal(mi)[1:-1], reference)
@@ -232,13 +232,13 @@ def default_options() -> dict:
 def check_options(options: dict) -> None:
     """Refuses bad ``config.analysis`` values before any training starts."""
     if options["width"] not in entropy.WIDTH_RULES:
-        raise ValueError(f"unknown analysis.width {options['width']!r}; accepted: {', '.join(entropy.WIDTH_RULES)}")
+        raise ConfigError(f"unknown analysis.width {options['width']!r}; accepted: {', '.join(entropy.WIDTH_RULES)}")
     if not (isinstance(options["alpha"], int | float) and options["alpha"] > 0 and options["alpha"] != 1):
-        raise ValueError(f"analysis.alpha must be a number > 0 other than 1, got {options['alpha']!r}")
+        raise ConfigError(f"analysis.alpha must be a number > 0 other than 1, got {options['alpha']!r}")
     if not isinstance(options["probe_size"], int) or options["probe_size"] < 2:
-        raise ValueError(f"analysis.probe_size must be an integer >= 2, got {options['probe_size']!r}")
+        raise ConfigError(f"analysis.probe_size must be an integer >= 2, got {options['probe_size']!r}")
     if not 0 < options["threshold"] <= 1:
-        raise ValueError(f"analysis.threshold must lie in (0, 1], got {options['threshold']!r}")
+        raise ConfigError(f"analysis.threshold must lie in (0, 1], got {options['threshold']!r}")
 
 
 def analyze_run(
@@ -251,34 +251,48 @@ def analyze_run(
 ) -> dict[str, Any]:
     """Analyses the checkpoints in ``workdir`` of the run ``trainer`` was built for; writes ``analysis.json``.
 
-    Every checkpoint step present (restricted to ``epochs`` or ``config.analysis.epochs`` when given) is analysed;
-    the latest is the reference "end of training". Also writes the figures to ``workdir/figures`` unless told not to.
-    Returns what it wrote.
+    Analyses the epochs ``epochs`` (or ``config.analysis.epochs``) when given, else every kept checkpoint, which
+    must then include the initial state (epoch 0): a run keeps every analysed epoch only when trained with
+    ``config.analysis.enabled``, and its last two otherwise, from which no convergence or trajectory can be read.
+    The latest checkpoint is the reference "end of training" and is always analysed. Convergence epochs are
+    determined only when the analysed epochs start at 0 (``convergence_epoch`` is None otherwise). Also writes
+    the figures to ``workdir/figures`` unless told not to. Returns what it wrote.
+
+    Raises:
+        CheckpointError: when the run has no checkpoint, or (``epochs`` not given) not the initial state's.
+        ConfigError: for requested epochs without a checkpoint.
     """
     workdir = pathlib.Path(workdir).absolute()
     config = trainer.config
     options = _analysis_options(config)
     check_options(options)
     chosen = tuple(epochs) if epochs is not None else tuple(options["epochs"])
-    checkpoints = workdir / "checkpoints"
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.initial_state)
+    checkpoints = Checkpoints(workdir, create=False)
+    available = checkpoints.epochs()
+    abstract = trainer.abstract_state()
 
-    def restore(step):
-        # Only the parameters and statistics, fetched to host memory (one epoch's worth at a time).
-        with ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(create=False)) as manager:
-            state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-            return jax.device_get({"params": state["params"], "extra": state["extra"]})
+    def restore(epoch):
+        state = checkpoints.restore(epoch, abstract)  # verified against its fingerprint
+        return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
 
-    with ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(create=False)) as manager:
-        steps = sorted(manager.all_steps())
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {checkpoints}: nothing to analyse")
-    final = steps[-1]
+    if not available:
+        raise CheckpointError(f"no checkpoints in {checkpoints.directory}: nothing to analyse")
+    final = available[-1]
     if chosen:
-        missing = sorted(set(chosen) - set(steps))
+        missing = sorted(set(chosen) - set(available))
         if missing:
-            raise ValueError(f"epochs {missing} have no checkpoint in {workdir}; checkpoints exist for {steps}")
+            raise ConfigError(f"epochs {missing} have no checkpoint in {workdir}; checkpoints exist for {available}")
         steps = sorted(set(chosen) | {final})
+    elif available[0] != 0:
+        listed = ",".join(map(str, available))
+        raise CheckpointError(
+            f"{workdir} kept the checkpoints of epochs {listed} only: a run keeps its last two unless trained with "
+            "--config.analysis.enabled=True, which keeps the initial state and every analysed epoch, as layer "
+            f"convergence and information-plane trajectories need. Retrain with it, or pass --epochs={listed} to "
+            "analyse just these epochs"
+        )
+    else:
+        steps = available
 
     index = probe_indices(len(train_ds), options["probe_size"], config.seed)
     probe = ProbeAnalysis(
@@ -291,14 +305,14 @@ def analyze_run(
     )
     start = time.perf_counter()
     final_state = restore(final)
-    reference = jax.device_get(probe.reference(final_state["params"], final_state["extra"]))
+    reference = jax.device_get(probe.reference(final_state["params"], final_state["batch_stats"]))
     reference_seconds = time.perf_counter() - start
 
     per_epoch, seconds = [], []
     for step in steps:
         start = time.perf_counter()
         state = restore(step)
-        per_epoch.append(jax.device_get(probe.epoch(state["params"], state["extra"], reference)))
+        per_epoch.append(jax.device_get(probe.epoch(state["params"], state["batch_stats"], reference)))
         seconds.append(time.perf_counter() - start)
 
     epochs_done = list(steps)
@@ -319,7 +333,10 @@ def analyze_run(
         "H_T": [np.diagonal(m)[1 : num_units + 1].tolist() for m in mi],
         "normalized_mi_to_final": [v.tolist() for v in nmi],
         "cka_to_final": [v.tolist() for v in cka],
-        "convergence_epoch": {
+        # Undetermined unless the analysed epochs start at the initialisation.
+        "convergence_epoch": None
+        if epochs_done[0] != 0
+        else {
             name: [
                 convergence_epoch(epochs_done, [float(v[k]) for v in values], options["threshold"])
                 for k in range(num_units)
@@ -338,7 +355,7 @@ def analyze_run(
     if training_seconds:
         result["seconds"]["training_per_epoch"] = training_seconds
         result["seconds"]["analysis_over_training"] = result["seconds"]["steady_per_epoch"] / training_seconds
-    (workdir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1))
+    write_text(workdir / ANALYSIS_FILE, json.dumps(result, indent=1))
     if figures if figures is not None else options["figures"]:
         from dibjax import plots
 
@@ -346,8 +363,71 @@ def analyze_run(
     return result
 
 
+def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The configuration a run was trained with (its ``config.json``), with every analysis field present.
+
+    Raises:
+        WorkdirError: when the folder holds no dibjax run, or one written by a version of dibjax with other fields.
+    """
+    from dibjax import config_lib  # imported here: config_lib imports this module
+
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise WorkdirError(f"{path} not found: --workdir must be the folder of a dibjax run")
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    config.analysis = ml_collections.ConfigDict({**default_options(), **config.get("analysis", {})})
+    try:
+        expected = config_lib.get_config(config.data.name, config.variant)
+    except (AttributeError, KeyError, ConfigError):
+        expected = None
+    missing = (
+        [] if expected is None else sorted(set(_flat_keys(expected.to_dict())) - set(_flat_keys(config.to_dict())))
+    )
+    if expected is None or missing:
+        shown = f" (missing: {', '.join(missing[:5])})" if missing else ""
+        raise WorkdirError(f"{path} was written by another version of dibjax{shown}; retrain the run with this one")
+    return config
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        keys.extend(_flat_keys(value, name + ".") if isinstance(value, dict) else [name])
+    return keys
+
+
+def analyze_workdir(
+    workdir: str | pathlib.Path,
+    *,
+    epochs: Sequence[int] | None = None,
+    data_dir: str | None = None,
+    figures: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """Analyses a finished (or interrupted) run from its folder alone: config, data, checkpoints.
+
+    ``options`` override the run's ``config.analysis`` fields (``probe_size``, ``alpha``, ``width``, ``threshold``,
+    ...); ``data_dir`` replaces ``config.data.dir`` when the data moved. Returns the result written to
+    ``analysis.json`` (see :func:`analyze_run`, which says which epochs a run can be analysed at).
+    """
+    from dibjax.trainer import Trainer  # imported here: the trainer's modules import this one
+
+    config = load_run_config(workdir)
+    unknown = sorted(set(options) - set(default_options()))
+    if unknown:
+        raise ConfigError(f"unknown analysis option(s) {unknown}; accepted: {sorted(default_options())}")
+    config.analysis.update({name: value for name, value in options.items() if value is not None})
+    check_options(config.analysis.to_dict())
+    if data_dir:
+        config.data.dir = data_dir
+    train_ds, _, info = data.load(config.data)
+    trainer = Trainer(config, info, data.steps_per_epoch(len(train_ds), config.train.batch_size))
+    return analyze_run(workdir, trainer, train_ds, epochs=epochs, figures=figures)
+
+
 def _training_seconds_per_epoch(workdir: pathlib.Path) -> float | None:
-    path = workdir / "metrics.jsonl"
+    path = workdir / METRICS_FILE
     if not path.exists():
         return None
     seconds = {}
@@ -370,11 +450,13 @@ __all__ = [
     "ProbeAnalysis",
     "analysis_epochs",
     "analyze_run",
+    "analyze_workdir",
     "check_options",
     "convergence_epoch",
     "default_options",
     "dpi_violations",
     "linear_cka",
+    "load_run_config",
     "probe_indices",
     "read_gradient_norms",
 ]

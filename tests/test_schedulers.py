@@ -9,7 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
-from dibjax import models, objectives, schedule
+from dibjax import models, objectives, schedulers
+from dibjax.errors import ConfigError
 
 NUM_STAGES = 4
 DIB = objectives.DIB(beta=0.05, gamma=0.05, compression="mi_prev", pool=2)
@@ -19,7 +20,7 @@ def tiny_network(num_groups=NUM_STAGES, head="conv"):
     config = {"name": "small_cnn", "width": 4, "split": "groups", "num_groups": num_groups, "head": head}
     config["head_width"] = 4
     model = models.build_model(config, 5, nnx.Rngs(0, params=jax.random.key(0, impl="rbg")))
-    return schedule.StagedNetwork(model)
+    return schedulers.FunctionalModel(model)
 
 
 def tiny_batch(seed=0, n=16):
@@ -29,26 +30,30 @@ def tiny_batch(seed=0, n=16):
     return x, labels
 
 
-def initial_state(net, schedule_name, optimizer):
-    groups = schedule.num_groups(schedule_name, net.num_stages)
+def initial_state(net, scheduler, optimizer):
+    groups = schedulers.num_groups(scheduler, net.num_stages)
     params = net.initial_params
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "extra": net.initial_extra,
-        "opt_state": schedule.init_optimizer_states(schedule_name, [optimizer] * groups, params),
-        "key": jax.random.key_data(jax.random.key(0)),
-        "nonfinite_step": -jnp.ones((), jnp.int32),
-    }
+    return schedulers.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=net.initial_batch_stats,
+        opt_states=schedulers.init_optimizer_states(scheduler, [optimizer] * groups, params),
+        augment_key=jax.random.key_data(jax.random.key(0)),
+        nonfinite_step=-jnp.ones((), jnp.int32),
+    )
 
 
 def everything(net):
     """One 'group' holding every stage and head, so a gradient is taken with respect to all parameters."""
-    return {0: schedule.select(net.initial_params, range(net.num_stages), range(net.num_stages))}
+    return {0: schedulers.select(net.initial_params, range(net.num_stages), range(net.num_stages))}
+
+
+def global_norm(tree):
+    return float(jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))))
 
 
 def gradient_norms(grads, kind):
-    return [float(optax.tree.norm(grads[0][kind][k])) for k in range(NUM_STAGES)]
+    return [global_norm(grads[0][kind][k]) for k in range(NUM_STAGES)]
 
 
 @pytest.fixture(scope="module")
@@ -56,26 +61,26 @@ def net():
     return tiny_network()
 
 
-def test_phases_of_each_schedule():
-    assert [p.stage for p in schedule.make_phases("sequential", 3, 2)] == [0, 1, 2]
-    assert [p.num_epochs for p in schedule.make_phases("sequential", 3, (1, 2, 3))] == [1, 2, 3]
-    (phase,) = schedule.make_phases("simultaneous", 3, 4)
-    assert (phase.stage, phase.num_epochs, phase.name) == (None, 4, "simultaneous")
-    assert schedule.make_phases("end_to_end", 3, 4)[0].name == "end_to_end"
-    with pytest.raises(ValueError, match="unknown schedule 'greedy'; accepted: sequential, simultaneous, end_to_end"):
-        schedule.make_phases("greedy", 3, 1)
+def test_phases_of_each_scheduler():
+    assert [p.stage for p in schedulers.make_phases("sequential", 3, 2)] == [0, 1, 2]
+    assert [p.num_epochs for p in schedulers.make_phases("sequential", 3, (1, 2, 3))] == [1, 2, 3]
+    (phase,) = schedulers.make_phases("simultaneous", 3, 4)
+    assert (phase.stage, phase.num_epochs, phase.scheduler) == (None, 4, "simultaneous")
+    assert schedulers.make_phases("end_to_end", 3, 4)[0].scheduler == "end_to_end"
+    with pytest.raises(ConfigError, match="unknown scheduler 'greedy'; accepted: sequential, simultaneous, end_to_end"):
+        schedulers.make_phases("greedy", 3, 1)
     with pytest.raises(ValueError, match=r"got 2 per-stage epoch counts \(1, 2\) for 3 stages"):
-        schedule.make_phases("sequential", 3, (1, 2))
+        schedulers.make_phases("sequential", 3, (1, 2))
     with pytest.raises(ValueError, match="epoch counts must be >= 1"):
-        schedule.make_phases("sequential", 2, (1, 0))
+        schedulers.make_phases("sequential", 2, (1, 0))
 
 
 @pytest.mark.parametrize("k", [0, 2])
 def test_sequential_gradient_reaches_only_the_trained_stage(net, k):
     x, labels = tiny_batch()
-    phase = schedule.Phase("sequential", k, 1)
-    loss_fn = functools.partial(schedule.phase_loss, net, DIB, phase)
-    grads = jax.grad(lambda t: loss_fn(t, net.initial_params, net.initial_extra, x, labels)[0])(everything(net))
+    phase = schedulers.Phase("sequential", k, 1)
+    loss_fn = functools.partial(schedulers.phase_loss, net, DIB, phase)
+    grads = jax.grad(lambda t: loss_fn(t, net.initial_params, net.initial_batch_stats, x, labels)[0])(everything(net))
     stage_norms, head_norms = gradient_norms(grads, "stages"), gradient_norms(grads, "heads")
     for j in range(NUM_STAGES):
         assert (stage_norms[j] > 0) == (j == k), stage_norms
@@ -84,11 +89,11 @@ def test_sequential_gradient_reaches_only_the_trained_stage(net, k):
 
 def test_simultaneous_stage_loss_does_not_reach_earlier_stages(net):
     x, labels = tiny_batch(1)
-    phase = schedule.Phase("simultaneous", None, 1)
+    phase = schedulers.Phase("simultaneous", None, 1)
 
     def stage_loss(trainable, k):
-        _, (outputs, _) = schedule.phase_loss(
-            net, DIB, phase, trainable, net.initial_params, net.initial_extra, x, labels
+        _, (outputs, _) = schedulers.phase_loss(
+            net, DIB, phase, trainable, net.initial_params, net.initial_batch_stats, x, labels
         )
         return outputs[k]["loss"]
 
@@ -102,10 +107,10 @@ def test_simultaneous_stage_loss_does_not_reach_earlier_stages(net):
 
 def test_end_to_end_gradient_reaches_every_stage_and_only_the_last_head(net):
     x, labels = tiny_batch(2)
-    phase = schedule.Phase("end_to_end", None, 1)
+    phase = schedulers.Phase("end_to_end", None, 1)
     loss = objectives.CrossEntropy()
     grads = jax.grad(
-        lambda t: schedule.phase_loss(net, loss, phase, t, net.initial_params, net.initial_extra, x, labels)[0]
+        lambda t: schedulers.phase_loss(net, loss, phase, t, net.initial_params, net.initial_batch_stats, x, labels)[0]
     )(everything(net))
     assert min(gradient_norms(grads, "stages")) > 0
     assert gradient_norms(grads, "heads") == [0.0, 0.0, 0.0, pytest.approx(gradient_norms(grads, "heads")[3])]
@@ -114,12 +119,12 @@ def test_end_to_end_gradient_reaches_every_stage_and_only_the_last_head(net):
 
 def test_hsic_head_cross_entropy_does_not_reach_the_stage(net):
     x, labels = tiny_batch(3)
-    phase = schedule.Phase("sequential", 1, 1)
+    phase = schedulers.Phase("sequential", 1, 1)
     hsic_free = objectives.HSICBottleneck(lam=0.0)  # what is left: HSIC(T, X) and the head's CE
 
     def ce_only(trainable):
-        _, (outputs, _) = schedule.phase_loss(
-            net, hsic_free, phase, trainable, net.initial_params, net.initial_extra, x, labels
+        _, (outputs, _) = schedulers.phase_loss(
+            net, hsic_free, phase, trainable, net.initial_params, net.initial_batch_stats, x, labels
         )
         return outputs[1]["terms"]["ce"]
 
@@ -135,19 +140,19 @@ def leaves_equal(a, b):
 def test_sequential_training_leaves_other_stages_bit_identical(net):
     optimizer = optax.sgd(0.1, momentum=0.9)
     state = initial_state(net, "sequential", optimizer)
-    before = jax.tree.map(np.asarray, {"params": state["params"], "extra": state["extra"]})
-    phase = schedule.Phase("sequential", 2, 1)
-    step = jax.jit(lambda state, x, y: schedule.train_step(net, DIB, [optimizer] * NUM_STAGES, phase, state, x, y))
+    before = jax.tree.map(np.asarray, {"params": state.params, "batch_stats": state.batch_stats})
+    phase = schedulers.Phase("sequential", 2, 1)
+    step = jax.jit(lambda state, x, y: schedulers.train_step(net, DIB, [optimizer] * NUM_STAGES, phase, state, x, y))
     for seed in range(3):
         state, metrics = step(state, *tiny_batch(seed))
     for kind in ("stages", "heads"):
         for j in range(NUM_STAGES):
-            for part in ("params", "extra"):
-                same = leaves_equal(before[part][kind][j], state[part][kind][j])
+            for part in ("params", "batch_stats"):
+                same = leaves_equal(before[part][kind][j], getattr(state, part)[kind][j])
                 has_leaves = bool(jax.tree.leaves(before[part][kind][j]))
                 assert same == (j != 2 or not has_leaves), (part, kind, j)
     # BatchNorm statistics of the trained stage moved; the frozen stages' did not (checked above).
-    assert not leaves_equal(before["extra"]["stages"][2], state["extra"]["stages"][2])
+    assert not leaves_equal(before["batch_stats"]["stages"][2], state.batch_stats["stages"][2])
     assert float(metrics["grad_norm"][2]) > 0 and float(metrics["grad_norm"][0]) == 0.0
     assert set(metrics) == {"loss", "correct", "grad_norm", "count", "ce", "H_T", "I_prev", "I_TY", "unit_grad_norm"}
     # Only the trained stage's units have a gradient (one unit per stage here).
@@ -157,14 +162,14 @@ def test_sequential_training_leaves_other_stages_bit_identical(net):
 def test_simultaneous_training_updates_every_stage_with_its_own_optimizer_state(net):
     optimizer = optax.sgd(0.05, momentum=0.9)
     state = initial_state(net, "simultaneous", optimizer)
-    assert len(state["opt_state"]) == NUM_STAGES
-    phase = schedule.Phase("simultaneous", None, 1)
+    assert len(state.opt_states) == NUM_STAGES
+    phase = schedulers.Phase("simultaneous", None, 1)
     new_state, metrics = jax.jit(
-        lambda s, x, y: schedule.train_step(net, objectives.CrossEntropy(), [optimizer] * NUM_STAGES, phase, s, x, y)
+        lambda s, x, y: schedulers.train_step(net, objectives.CrossEntropy(), [optimizer] * NUM_STAGES, phase, s, x, y)
     )(state, *tiny_batch(4))
     for j in range(NUM_STAGES):
-        assert not leaves_equal(state["params"]["stages"][j], new_state["params"]["stages"][j])
-        assert not leaves_equal(state["opt_state"][j], new_state["opt_state"][j])
+        assert not leaves_equal(state.params["stages"][j], new_state.params["stages"][j])
+        assert not leaves_equal(state.opt_states[j], new_state.opt_states[j])
     assert bool(jnp.all(metrics["grad_norm"] > 0))
 
 
@@ -174,35 +179,35 @@ def test_single_stage_sequential_ce_equals_end_to_end():
     ce = objectives.CrossEntropy(label_smoothing=0.1)
     states = {}
     for name in ("sequential", "end_to_end"):
-        phase = schedule.make_phases(name, 1, 1)[0]
-        step = jax.jit(lambda s, x, y, phase=phase: schedule.train_step(net, ce, [optimizer], phase, s, x, y))
+        phase = schedulers.make_phases(name, 1, 1)[0]
+        step = jax.jit(lambda s, x, y, phase=phase: schedulers.train_step(net, ce, [optimizer], phase, s, x, y))
         state = initial_state(net, name, optimizer)
         for seed in range(3):
             state, metrics = step(state, *tiny_batch(seed))
         states[name] = (state, metrics)
     (seq, seq_metrics), (e2e, e2e_metrics) = states["sequential"], states["end_to_end"]
-    assert leaves_equal(seq["params"], e2e["params"])
-    assert leaves_equal(seq["extra"], e2e["extra"])
+    assert leaves_equal(seq.params, e2e.params)
+    assert leaves_equal(seq.batch_stats, e2e.batch_stats)
     np.testing.assert_array_equal(seq_metrics["loss"], e2e_metrics["loss"])
 
 
 def test_a_nonfinite_loss_leaves_the_state_unchanged(net):
     optimizer = optax.sgd(0.1)
     state = initial_state(net, "sequential", optimizer)
-    phase = schedule.Phase("sequential", 0, 1)
+    phase = schedulers.Phase("sequential", 0, 1)
     x, labels = tiny_batch(5)
-    new_state, _ = schedule.train_step(net, DIB, [optimizer] * NUM_STAGES, phase, state, x.at[0].set(jnp.nan), labels)
-    assert int(new_state["nonfinite_step"]) == 0
-    assert leaves_equal(state["params"], new_state["params"])
-    assert leaves_equal(state["extra"], new_state["extra"])
+    new_state, _ = schedulers.train_step(net, DIB, [optimizer] * NUM_STAGES, phase, state, x.at[0].set(jnp.nan), labels)
+    assert int(new_state.nonfinite_step) == 0
+    assert leaves_equal(state.params, new_state.params)
+    assert leaves_equal(state.batch_stats, new_state.batch_stats)
 
 
 def test_eval_logits_run_stages_only_as_far_as_the_highest_head(net):
     x, _ = tiny_batch(6)
-    state = {"params": net.initial_params, "extra": net.initial_extra}
-    logits = schedule.eval_logits(net, state, x, (1,))
+    state = initial_state(net, "sequential", optax.sgd(0.1))
+    logits = schedulers.eval_logits(net, state, x, (1,))
     assert set(logits) == {1} and logits[1].shape == (16, 5)
-    all_logits = schedule.eval_logits(net, state, x, (0, 1, 3))
+    all_logits = schedulers.eval_logits(net, state, x, (0, 1, 3))
     np.testing.assert_allclose(all_logits[1], logits[1], rtol=1e-6)
     # Inference mode: a sample's logits do not depend on the rest of the batch.
-    np.testing.assert_allclose(schedule.eval_logits(net, state, x[:4], (3,))[3], all_logits[3][:4], rtol=1e-5)
+    np.testing.assert_allclose(schedulers.eval_logits(net, state, x[:4], (3,))[3], all_logits[3][:4], rtol=1e-5)

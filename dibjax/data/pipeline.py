@@ -1,0 +1,97 @@
+"""The host pipeline: fixed-shuffle subsets, the validation split, and training and evaluation batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from dibjax import errors, streams
+from dibjax.data.dataset import ArrayDataset
+
+__all__ = ["eval_batches", "split_validation", "steps_per_epoch", "subset_indices", "take", "train_batches"]
+
+
+def subset_indices(n: int, limit: int | None) -> np.ndarray | None:
+    """Indices of the first ``limit`` samples of a fixed (seed 0) shuffle of ``range(n)``."""
+    if limit is None:
+        return None
+    # Class-agnostic shuffle: the stored files are ordered by class, so a plain prefix
+    # would hold only the first classes.
+    return np.random.default_rng(0).permutation(n)[:limit]
+
+
+def take(dataset: ArrayDataset, indices: np.ndarray | None) -> ArrayDataset:
+    """The samples of ``dataset`` at ``indices``, in that order; ``dataset`` itself for None."""
+    if indices is None:
+        return dataset
+    return ArrayDataset(dataset.images[indices], dataset.labels[indices])
+
+
+def split_validation(train: ArrayDataset, size: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """Splits ``size`` images off a training set, chosen by a fixed (seed 0) shuffle: ``(rest, held_out)``."""
+    if not 0 < size < len(train):
+        raise errors.ConfigError(
+            f"validation_size={size} must be between 1 and {len(train) - 1} (the training set has {len(train)})"
+        )
+    order = np.random.default_rng(0).permutation(len(train))
+    return take(train, np.sort(order[size:])), take(train, np.sort(order[:size]))
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Number of full batches :func:`train_batches` yields per epoch for ``n`` samples."""
+    if batch_size <= 0 or batch_size > n:
+        raise errors.ConfigError(f"batch_size must lie in [1, {n}] (the data set size), got {batch_size}")
+    return n // batch_size
+
+
+def train_batches(dataset: ArrayDataset, batch_size: int, *, seed: int, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+    """Yields one epoch of shuffled training batches.
+
+    The order is a permutation drawn from :func:`dibjax.streams.order_rng` ``(seed, epoch)``
+    (epochs count from 1): the same ``(seed, epoch)`` always gives the same batches. The last
+    partial batch is dropped, so every batch has exactly ``batch_size`` samples and each sample
+    appears at most once.
+
+    Yields:
+        ``{"image": uint8 (B, H, W, 3), "label": int32 (B,)}``.
+
+    Raises:
+        errors.ConfigError: when ``batch_size`` is not in ``[1, len(dataset)]`` or seed is negative or epoch below 1.
+    """
+    steps = steps_per_epoch(len(dataset), batch_size)
+    if seed < 0 or epoch < 1:
+        raise errors.ConfigError(f"seed must be non-negative and epoch positive, got seed={seed}, epoch={epoch}")
+    order = streams.order_rng(seed, epoch).permutation(len(dataset))
+    for step in range(steps):
+        indices = order[step * batch_size : (step + 1) * batch_size]
+        yield {"image": dataset.images[indices], "label": dataset.labels[indices]}
+
+
+def eval_batches(dataset: ArrayDataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Yields every sample once, in order, in batches of a fixed size.
+
+    The last batch is padded with black images of label 0 up to ``batch_size``, so every
+    batch has the same shape (one jit compilation). ``"mask"`` is True for real samples:
+    weight per-sample metrics by it.
+
+    Yields:
+        ``{"image": uint8 (B, H, W, 3), "label": int32 (B,), "mask": bool (B,)}``.
+
+    Raises:
+        errors.ConfigError: when ``batch_size`` is not positive.
+    """
+    if batch_size <= 0:
+        raise errors.ConfigError(f"batch_size must be positive, got {batch_size}")
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        images = dataset.images[start : start + batch_size]
+        labels = dataset.labels[start : start + batch_size]
+        real = len(labels)
+        mask = np.ones((batch_size,), dtype=bool)
+        if real < batch_size:
+            pad = batch_size - real
+            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), dtype=images.dtype)])
+            labels = np.concatenate([labels, np.zeros((pad,), dtype=labels.dtype)])
+            mask[real:] = False
+        yield {"image": images, "label": labels, "mask": mask}

@@ -1,0 +1,150 @@
+"""The trainer of one configuration: its model, training state and compiled steps, one pair per phase.
+
+The batch is split over a 1-D device mesh with axis ``"data"`` and the :class:`~dibjax.schedulers.TrainState` is
+replicated, so the same code runs on one CPU, a TPU slice or several GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dibjax import config_lib, data, models, objectives, optim, schedulers, streams
+from dibjax.schedulers import TrainState
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Compiled train and eval steps, one per phase of the scheduler, for one model and configuration.
+
+    Attributes:
+        config: the run's configuration.
+        info: the data set's facts (classes, normalisation, whether flips keep labels).
+        steps_per_epoch: training steps in an epoch.
+        net: the model as pure functions (:class:`~dibjax.schedulers.FunctionalModel`).
+        phases: the scheduler's phases, in order.
+        lr_schedules: one learning-rate schedule per parameter group, over the group's steps.
+        train_steps, eval_steps: one jitted step per phase; a train step donates its state.
+    """
+
+    config: ml_collections.ConfigDict
+    info: data.DatasetInfo
+    steps_per_epoch: int
+
+    def __post_init__(self):
+        config = self.config
+        rngs = nnx.Rngs(streams.init_key(config.seed))
+        model = models.build_model(config_lib.model_fields(config), self.info.num_classes, rngs)
+        self.net = schedulers.FunctionalModel(model)
+        num_stages = self.net.num_stages
+        self.objective = objectives.from_config(config.objective, config.train.label_smoothing)
+        self.phases = schedulers.make_phases(config.scheduler, num_stages, config_lib.stage_epochs(config, num_stages))
+        groups = schedulers.num_groups(config.scheduler, num_stages)
+        peaks = optim.peak_learning_rates(config, groups)
+        # Group g's schedule runs over the epochs of the phase that trains it.
+        if config.scheduler == "sequential":
+            group_epochs = [phase.num_epochs for phase in self.phases]
+        else:
+            group_epochs = [self.phases[0].num_epochs] * groups
+        self.lr_schedules = [
+            optim.learning_rate_schedule(config, self.steps_per_epoch, group_epochs[g], peaks[g]) for g in range(groups)
+        ]
+        self.optimizers = [optim.make_optimizer(config, s) for s in self.lr_schedules]
+        self.mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.train_steps = [
+            jax.jit(functools.partial(self._train_step, phase), donate_argnums=0) for phase in self.phases
+        ]
+        self.eval_steps = [
+            jax.jit(functools.partial(self._eval_step, schedulers.evaluated_heads(phase, num_stages)))
+            for phase in self.phases
+        ]
+
+    @property
+    def num_stages(self) -> int:
+        return self.net.num_stages
+
+    def _initial_state(self) -> TrainState:
+        params = self.net.initial_params
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=self.net.initial_batch_stats,
+            opt_states=schedulers.init_optimizer_states(self.config.scheduler, self.optimizers, params),
+            augment_key=jax.random.key_data(streams.augment_key(self.config.seed)),
+            nonfinite_step=-jnp.ones((), jnp.int32),
+        )
+
+    def create_state(self) -> TrainState:
+        """A fresh initial state, replicated over the mesh.
+
+        Always a copy: the first training step donates (deletes) its input, which must never be the model's own
+        initial arrays, whatever the device count.
+        """
+        return jax.device_put(self._initial_state(), self.replicated, may_alias=False)
+
+    def abstract_state(self) -> TrainState:
+        """The state's structure, shapes, dtypes and shardings, for restoring a checkpoint."""
+        shapes = jax.eval_shape(self._initial_state)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), shapes)
+
+    def _train_step(self, phase: schedulers.Phase, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.augment_key), state.step)
+        images = data.augment(batch["image"], key, crop_padding=self.config.data.crop_padding, flip=self.info.flip)
+        images = data.normalize(images, self.info)
+        return schedulers.train_step(self.net, self.objective, self.optimizers, phase, state, images, batch["label"])
+
+    def _eval_step(self, heads: tuple[int, ...], state: TrainState, batch: dict) -> dict:
+        logits = schedulers.eval_logits(self.net, state, data.normalize(batch["image"], self.info), heads)
+        mask = batch["mask"]
+        out = {"count": jnp.sum(mask)}
+        for k, head_logits in logits.items():
+            losses = objectives.cross_entropy(head_logits, batch["label"])
+            out[f"loss_sum/{k}"] = jnp.sum(jnp.where(mask, losses, 0))
+            out[f"correct/{k}"] = jnp.sum((jnp.argmax(head_logits, -1) == batch["label"]) & mask)
+        return out
+
+    def shard(self, batch: dict) -> dict:
+        """A host batch as global arrays split over the mesh's ``"data"`` axis."""
+        return jax.device_put(batch, self.batch_sharding)
+
+    def evaluate(self, phase_index: int, state: TrainState, dataset: data.ArrayDataset, batch_size: int) -> dict:
+        """Loss and accuracy of the heads the phase reports on, ``{head: {"loss": .., "accuracy": ..}}``."""
+        totals = None
+        for batch in data.eval_batches(dataset, batch_size):
+            metrics = self.eval_steps[phase_index](state, self.shard(batch))
+            totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+        totals = jax.device_get(totals)
+        heads = schedulers.evaluated_heads(self.phases[phase_index], self.num_stages)
+        return {
+            k: {
+                "loss": float(totals[f"loss_sum/{k}"] / totals["count"]),
+                "accuracy": float(totals[f"correct/{k}"] / totals["count"]),
+            }
+            for k in heads
+        }
+
+    @staticmethod
+    def peak_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
+        """XLA's estimate of a compiled step's memory: arguments + outputs + temporaries − donated (aliased) buffers.
+
+        ``peak_memory_in_bytes`` is not used: XLA:CPU leaves it at about the size of the arguments, without the
+        temporaries that hold the activations.
+        """
+        analysis = compiled.memory_analysis()
+        if analysis is None:
+            return None
+        return int(
+            analysis.argument_size_in_bytes
+            + analysis.output_size_in_bytes
+            + analysis.temp_size_in_bytes
+            - analysis.alias_size_in_bytes
+        )

@@ -1,0 +1,147 @@
+"""The folder of a run: its configuration guard and the files the loop writes.
+
+Files (every epoch count starts at 1; checkpoint and record ``e`` describe the state after ``e`` epochs):
+
+* ``config.json``: the run's configuration. A later invocation in the same folder must match it, apart from the
+  fields in :data:`RESUMABLE_FIELDS` and the ``analysis`` section, which do not change what is trained;
+  ``config.train.overwrite=True`` starts over instead.
+* ``metrics.jsonl``: one JSON record per epoch and evaluated stage (:func:`dibjax.train.epoch_records` documents
+  every field).
+* ``checkpoints/``: :mod:`dibjax.checkpoints`.
+* ``summary.json``: written once the run is complete; its presence marks a finished run.
+* with ``config.analysis.enabled``: ``gradient_norms.jsonl``, ``analysis.json`` and ``figures/``
+  (:mod:`dibjax.analysis`).
+
+Every write that fails (permissions, a full disk) raises :class:`~dibjax.errors.WorkdirError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import ml_collections
+
+from dibjax.checkpoints import QUARANTINE, failure_reason
+from dibjax.errors import WorkdirError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+GRADIENT_FILE = "gradient_norms.jsonl"
+ANALYSIS_FILE = "analysis.json"
+# Fields that do not change what a run computes, so that resuming may differ in them.
+RESUMABLE_FIELDS = {("train", "overwrite"), ("train", "progress"), ("train", "log_every_steps")}
+# What belongs to a run's results, removed when a run of another configuration starts over in the folder.
+_RUN_FILES = ("checkpoints", QUARANTINE, METRICS_FILE, SUMMARY_FILE, GRADIENT_FILE, ANALYSIS_FILE, "figures")
+
+
+def _flat(tree: dict, prefix: tuple = ()) -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def write_text(path: pathlib.Path, text: str, *, append: bool = False) -> None:
+    """Writes (or appends) ``text`` to ``path``; a failure raises :class:`WorkdirError` naming the file."""
+    try:
+        if append:
+            with path.open("a") as f:
+                f.write(text)
+        else:
+            # Written to a temporary file and renamed, so that a failed write leaves the old file whole.
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(text)
+            os.replace(partial, path)
+    except OSError as e:
+        raise WorkdirError(f"cannot write {path}: {failure_reason(e)}") from e
+
+
+class Workdir:
+    """A run's folder. Nothing is written until :meth:`claim`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path).expanduser().absolute()
+
+    def file(self, name: str) -> pathlib.Path:
+        return self.path / name
+
+    def config_differences(self, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+        """``{field: (saved, current)}`` for every field that differs from the folder's ``config.json`` (or {})."""
+        saved_path = self.file(CONFIG_FILE)
+        if not saved_path.exists():
+            return {}
+        try:
+            saved = json.loads(saved_path.read_text())
+        except (OSError, ValueError) as e:
+            raise WorkdirError(f"cannot read {saved_path} ({e}); delete it or use another workdir") from e
+        saved_flat, current_flat = _flat(saved), _flat(json.loads(config.to_json()))
+        return {
+            ".".join(k): (saved_flat.get(k), current_flat.get(k))
+            for k in sorted(set(saved_flat) | set(current_flat))
+            if k not in RESUMABLE_FIELDS and k[0] != "analysis" and saved_flat.get(k) != current_flat.get(k)
+        }
+
+    def check(self, config: ml_collections.ConfigDict) -> None:
+        """Refuses a folder holding a run of another configuration, unless ``train.overwrite``; writes nothing."""
+        differences = self.config_differences(config)
+        if differences and not config.train.overwrite:
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differences.items())
+            raise WorkdirError(
+                f"workdir {self.path} holds a run with another configuration ({shown}); "
+                "use another workdir, or pass --config.train.overwrite=True to start over"
+            )
+
+    def claim(self, config: ml_collections.ConfigDict) -> None:
+        """Creates the folder, removes another configuration's results (``train.overwrite``), writes config.json."""
+        self.check(config)
+        if self.config_differences(config):
+            for name in _RUN_FILES:
+                path = self.file(name)
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WorkdirError(f"cannot create the workdir {self.path}: {failure_reason(e)}") from e
+        if not os.access(self.path, os.W_OK):
+            raise WorkdirError(f"the workdir {self.path} is not writable: {os.strerror(13)}")
+        write_text(self.file(CONFIG_FILE), json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True))
+
+    def finished_summary(self, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+        """The summary of a finished run of this configuration in the folder, or None."""
+        path = self.file(SUMMARY_FILE)
+        if not path.exists() or self.config_differences(config):
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # an unreadable summary is written again by finishing the run
+
+    def read_records(self, name: str, before_epoch: int) -> list[dict]:
+        """The JSON-lines records of ``name`` up to epoch ``before_epoch - 1``; the file keeps only those."""
+        path = self.file(name)
+        if not path.exists():
+            return []
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        kept = [r for r in records if r["epoch"] < before_epoch]
+        if len(kept) != len(records):
+            write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def append_records(self, name: str, records: list[dict]) -> None:
+        write_text(self.file(name), "".join(json.dumps(r) + "\n" for r in records), append=True)
+
+    def write_summary(self, summary: dict[str, Any]) -> pathlib.Path:
+        path = self.file(SUMMARY_FILE)
+        write_text(path, json.dumps(summary, indent=2))
+        return path
