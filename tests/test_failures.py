@@ -287,7 +287,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_a_rerun_resumes(
 
 def test_sigterm_stops_cleanly_and_a_rerun_resumes(tiny_data, tmp_path):
     workdir = tmp_path / "run"
-    args = smoke_args(tiny_data, workdir, "--config.train.num_epochs=40")
+    args = smoke_args(tiny_data, workdir, "--config.train.num_epochs=12")
     process = subprocess.Popen([*CLI, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (workdir / "checkpoints" / "1").exists():
@@ -298,7 +298,7 @@ def test_sigterm_stops_cleanly_and_a_rerun_resumes(tiny_data, tmp_path):
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "Traceback" not in stderr
     stopped = re.fullmatch(
-        r"stopped by SIGTERM in epoch (\d+)/40; the checkpoint of epoch (\d+) is intact: "
+        r"stopped by SIGTERM in epoch (\d+)/12; the checkpoint of epoch (\d+) is intact: "
         r"rerunning the same command resumes from it",
         stderr.strip().splitlines()[-1],
     )
@@ -306,9 +306,9 @@ def test_sigterm_stops_cleanly_and_a_rerun_resumes(tiny_data, tmp_path):
 
     rerun = run_cli(args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resuming after epoch {stopped[2]}/40, from its checkpoint" in rerun.stdout
+    assert f"resuming after epoch {stopped[2]}/12, from its checkpoint" in rerun.stdout
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == list(range(1, 41))
+    assert [r["epoch"] for r in records] == list(range(1, 13))
 
 
 def test_ctrl_c_stops_at_the_next_step_and_a_rerun_continues_exactly(tiny_data, tmp_path, monkeypatch, straight_run):
