@@ -157,7 +157,7 @@ def main() -> None:
         mi_rows,
     )
 
-    slq = jax.jit(lambda a, key: E.renyi_entropy(a, ALPHA, method="slq", key=key))
+    slq = jax.jit(lambda a, key: E.renyi_entropy(a, alpha=ALPHA, method="slq", key=key))
     slq_rows = []
     for n in slq_sizes:
         A = gram(features[:n])

@@ -21,12 +21,38 @@ For a batch of ``n`` samples ``x_1 .. x_n`` (any shape; flattened per sample):
 * Mutual information ``I_α(A; B) = S_α(A) + S_α(B) - S_α(A, B)``; conditional entropy
   ``S_α(A | B) = S_α(A, B) - S_α(B)``.
 * A width chosen by a rule (``sigma=None``) is wrapped in ``jax.lax.stop_gradient``.
+* ``renyi_entropy`` requires ``tr(A) = 1`` (see *Unit trace* below); ``α`` is a keyword-only
+  argument of every function (``renyi_entropy(A, alpha=2.0)``).
+
+Shapes, dtypes and devices
+--------------------------
+* The entropy functions take ``(..., n, n)`` matrices, as ``jnp.linalg`` does, and return
+  an array of shape ``...``; the sample functions (``gram_matrix``, ...) take one batch
+  ``(n, ...)``.
+* Half-precision inputs (float16, bfloat16, or any floating type narrower than float32)
+  are computed in float32; results are float32. Gradients flow back in the input's dtype.
+  Integer and bool samples are computed in the default floating dtype.
+* Samples (or matrices) sharded over an explicit-axes mesh axis are gathered before the
+  ``(n, n)`` matrix is formed: every entry pairs two samples, and the result would have to
+  be sharded twice over one mesh axis, which explicit sharding refuses. Under an automatic
+  (``Auto``) mesh the compiler partitions the computation as it sees fit. Either way the
+  values are those of the unsharded computation.
 
 Converting numbers from other implementations: some write the Gaussian kernel as
 ``exp(-d^2 / s)`` (for instance the yuxi120407/DIB code, with ``s = σ_dib^2``), so their
 ``s`` is our ``2 σ^2``; others as ``exp(-d^2 / σ^2)`` (our σ times √2). Entropies in nats
 are ours times ``ln 2`` (or pass ``base=math.e``). Normalising by ``tr(K)`` instead of
 ``n sqrt(K_ii K_jj)`` is the same for the Gaussian kernel, whose diagonal is 1.
+
+Unit trace
+----------
+The functional is defined for unit-trace matrices. For ``t = tr(A) ≠ 1``,
+``S_α(A) = S_α(A/t) + α/(1-α) log_b t`` (``t S_1(A/t) - t log_b t`` at ``α = 1``): a
+plausible-looking but wrong number. ``renyi_entropy`` therefore checks
+``|tr(A) - 1| <= sqrt(eps)``, ``eps`` of ``A``'s dtype (before any upcast of a
+half-precision ``A``): on concrete input a violation raises ``ValueError``; under tracing
+(``jit``, ``vmap``, ``grad``) the result is NaN, by the policy below. Normalise with
+:func:`normalize_gram`; the joint quantities normalise their Hadamard product themselves.
 
 Numerical guards
 ----------------
@@ -62,6 +88,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
+from jax.sharding import PartitionSpec
 
 KERNELS = ("gaussian", "linear")
 WIDTH_RULES = ("median", "silverman", "knn", "dib")
@@ -113,36 +140,91 @@ def _check_base(base: Any) -> float:
     return base
 
 
+def _computation_dtype(dtype: Any) -> Any:
+    """float32 for floating types narrower than float32: eigh has no half-precision kernel, and a
+    half-precision Gram matrix would keep only 2 to 4 significant digits of each kernel value."""
+    if jnp.dtype(dtype).itemsize < 4:
+        return jnp.float32
+    return dtype
+
+
 def _float_dtype(dtype: Any) -> Any:
     if jnp.issubdtype(dtype, jnp.floating):
-        return dtype
+        return _computation_dtype(dtype)
     if jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
         return jnp.result_type(float)
     raise ValueError(f"expected real (floating, integer or bool) values, got dtype {dtype}")
 
 
+def _replicated(x: Array) -> Array:
+    """``x`` gathered onto every device of its mesh when one of its axes is sharded over an explicit mesh axis.
+
+    Every entry of an ``(n, n)`` matrix pairs two samples: ``x @ x.T`` of a sample-sharded ``x`` would be sharded
+    twice over one mesh axis, which explicit sharding refuses, and each device needs all samples anyway. Under an
+    ``Auto`` mesh the aval carries no explicit axis and the compiler's partitioner decides.
+    """
+    typeof = getattr(jax, "typeof", None)
+    sharding = getattr(typeof(x), "sharding", None) if typeof is not None else None
+    explicit = set(getattr(getattr(sharding, "mesh", None), "explicit_axes", ()) or ())
+    if not explicit:
+        return x
+    used = set()
+    for entry in sharding.spec:
+        if isinstance(entry, str):
+            used.add(entry)
+        elif isinstance(entry, tuple):
+            used.update(entry)
+    if not used & explicit:
+        return x
+    return jax.sharding.reshard(x, sharding.update(spec=PartitionSpec()))
+
+
 def _as_samples(x: Any) -> Array:
-    """Returns x as a floating (n, d) array, one flattened sample per row."""
+    """Returns x as a floating (n, d) array, one flattened sample per row, on every device of its mesh."""
     x = jnp.asarray(x)
     if x.ndim < 1:
         raise ValueError(f"x must have a leading sample axis (shape (n, ...)), got shape {x.shape}")
     if x.shape[0] < 2:
         raise ValueError(f"need at least n = 2 samples to estimate an entropy, got shape {x.shape}")
-    x = x.astype(_float_dtype(x.dtype))
+    x = _replicated(x).astype(_float_dtype(x.dtype))
     return x.reshape(x.shape[0], -1)
 
 
 def _check_gram(A: Any, name: str = "A") -> Array:
+    """``A`` as a floating ``(..., n, n)`` array (half precision upcast to float32), on every device of its mesh."""
     A = jnp.asarray(A)
-    if A.ndim != 2 or A.shape[0] != A.shape[1]:
+    if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(
-            f"{name} must be a square (n, n) Gram matrix, got shape {A.shape}; use jax.vmap for a batch of matrices"
+            f"{name} must be a square (n, n) Gram matrix or a stack (..., n, n) of them, got shape {A.shape}"
         )
-    if A.shape[0] < 2:
+    if A.shape[-1] < 2:
         raise ValueError(f"{name} must be at least 2 x 2 (n >= 2 samples), got shape {A.shape}")
     if not jnp.issubdtype(A.dtype, jnp.floating):
         raise ValueError(f"{name} must have a floating dtype, got {A.dtype}")
-    return A
+    return _replicated(A).astype(_computation_dtype(A.dtype))
+
+
+def _trace_violation(A: Array, input_dtype: Any) -> Array | None:
+    """Refuses a matrix whose trace is not 1: ``ValueError`` on concrete input, else a mask of the violations.
+
+    ``A`` is ``(..., n, n)`` in its computation dtype; the tolerance ``sqrt(eps)`` is that of ``input_dtype``.
+    A NaN trace passes: NaN input gives a NaN result anyway.
+    """
+    trace = jnp.trace(A, axis1=-2, axis2=-1)
+    tolerance = math.sqrt(float(jnp.finfo(input_dtype).eps))
+    if _is_concrete(trace):
+        deviation = np.abs(np.asarray(trace, np.float64) - 1)
+        bad = deviation > tolerance
+        if np.any(bad):
+            worst = np.unravel_index(np.argmax(np.where(bad, deviation, -1)), deviation.shape)
+            where = f" (matrix {tuple(int(i) for i in worst)} of the stack)" if deviation.ndim else ""
+            raise ValueError(
+                f"renyi_entropy needs a normalised Gram matrix with unit trace, got tr(A) = "
+                f"{float(np.asarray(trace)[worst]):.6g}{where}, off by more than {tolerance:.2g}; "
+                "pass normalize_gram(K)"
+            )
+        return None
+    return jnp.abs(trace - 1) > tolerance
 
 
 # ----------------------------------------------------------------------------- Gram matrices
@@ -153,10 +235,11 @@ def pairwise_sq_distances(x: Any) -> Array:
 
     Computed as ``||x_i||^2 + ||x_j||^2 - 2 x_i·x_j`` on samples centred at their mean
     (distances are translation invariant; centring removes most of the cancellation), with
-    the matmul at ``Precision.HIGHEST``, clamped at 0, with an exact zero diagonal.
+    the matmul at ``Precision.HIGHEST``, clamped at 0, with an exact zero diagonal; exactly
+    symmetric (the upper triangle mirrored).
 
     Args:
-      x: array of shape ``(n, ...)``.
+      x: array of shape ``(n, ...)``; half precision is computed in float32.
 
     Returns:
       ``(n, n)`` array of squared distances.
@@ -166,7 +249,14 @@ def pairwise_sq_distances(x: Any) -> Array:
     sq_norms = jnp.sum(x * x, axis=1)
     inner = jnp.matmul(x, x.T, precision=_HIGHEST)
     sq_dist = jnp.maximum(sq_norms[:, None] + sq_norms[None, :] - 2 * inner, 0)
-    return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0, sq_dist)
+    n = x.shape[0]
+    row = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    # A matmul need not round x_i·x_j and x_j·x_i alike. Mirroring the upper triangle makes D
+    # exactly symmetric, so that either copy of a distance is the same number (kernel_width's
+    # median reads each pair from one side or the other).
+    sq_dist = jnp.where(row < col, sq_dist, sq_dist.T)
+    return jnp.where(row == col, 0, sq_dist)
 
 
 def _kth_smallest_nonnegative(values: Array, k: int) -> Array:
@@ -192,20 +282,45 @@ def _kth_smallest_nonnegative(values: Array, k: int) -> Array:
     return jax.lax.bitcast_convert_type(low, values.dtype)
 
 
-def _median_nonnegative(values: Array) -> Array:
-    """``jnp.median`` of a 1-D array of non-negative floats (the mean of the two middle values for even sizes)."""
-    count = values.shape[0]
-    upper = _kth_smallest_nonnegative(values, count // 2)
+def _upper_triangle(distances: Array) -> Array:
+    """Each ``D_ij``, ``i < j``, of a symmetric ``(n, n)`` matrix once, padded with ``+inf``; no index constant.
+
+    Row ``i`` rotated left by ``i + 1`` reads ``D_{i,i+1} .. D_{i,n-1}, D_{i,0} .. D_{i,i}``, so the pair
+    ``a < b`` at offset ``d = b - a`` sits in row ``a`` at column ``d - 1`` and in row ``b`` at column
+    ``n - 1 - d``. The first ``⌊n/2⌋`` columns therefore hold every pair exactly once for odd ``n``; for even
+    ``n`` the pairs at ``d = n/2`` appear twice in column ``n/2 - 1`` (rows ``a`` and ``a + n/2``), and the
+    copies in rows ``>= n/2`` are replaced by ``+inf``, which orders after every distance. The gather indices
+    come from iota: ``distances[np.triu_indices(n, 1)]`` would embed ``n(n-1)`` integers in the program.
+    """
+    n = distances.shape[0]
+    width = n // 2
+    row = jax.lax.broadcasted_iota(jnp.int32, (n, width), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (n, width), 1)
+    rotated = jnp.take_along_axis(distances, (row + col + 1) % n, axis=1)
+    if n % 2 == 0:
+        rotated = jnp.where((col == width - 1) & (row >= width), jnp.inf, rotated)
+    return rotated.ravel()
+
+
+def _median_of_smallest(values: Array, count: int) -> Array:
+    """``jnp.median`` of the ``count`` smallest of non-negative ``values`` (the others being ``+inf``)."""
+    lower = _kth_smallest_nonnegative(values, (count - 1) // 2)
     if count % 2:
-        return upper
-    return (_kth_smallest_nonnegative(values, count // 2 - 1) + upper) / 2
+        return lower
+    # The next order statistic is `lower` again when more than count/2 values lie at or below it, else the
+    # smallest value above it: one pass instead of a second bisection.
+    next_larger = jnp.min(jnp.where(values > lower, values, jnp.inf))
+    upper = jnp.where(jnp.sum(values <= lower) > count // 2, lower, next_larger)
+    return (lower + upper) / 2
 
 
 def _positive_or_fallback(sigma: Array, distances: Array) -> Array:
     # A rule yields 0 only when (more than half of) the samples coincide. The mean distance
     # keeps σ equivariant to a scaling of x; if it is 0 too, every sample is the same and
-    # any σ gives the same all-ones kernel.
-    mean_distance = jnp.mean(distances)
+    # any σ gives the same all-ones kernel. `distances` is the symmetric (n, n) matrix with a
+    # zero diagonal: the mean over i<j is its sum over n(n-1).
+    n = distances.shape[0]
+    mean_distance = jnp.sum(distances) / (n * (n - 1))
     sigma = jnp.where(sigma > 0, sigma, mean_distance)
     return jnp.where(sigma > 0, sigma, jnp.ones_like(sigma))
 
@@ -241,7 +356,7 @@ def kernel_width(x: Any, rule: str = "median", **options: Any) -> Array:
       **options: rule options, listed above.
 
     Returns:
-      scalar σ with the floating dtype of ``x``.
+      scalar σ with the floating dtype of ``x`` (float32 for half-precision ``x``).
     """
     _check_choice("width rule", rule, WIDTH_RULES)
     accepted_options = {
@@ -264,9 +379,8 @@ def kernel_width(x: Any, rule: str = "median", **options: Any) -> Array:
         return jnp.asarray(gamma * scale * n ** (-1.0 / (4 + dim)), dtype=x.dtype)
 
     distances = jnp.sqrt(pairwise_sq_distances(x))
-    off_diagonal = distances[np.triu_indices(n, 1)]
     if rule == "median":
-        sigma = _median_nonnegative(off_diagonal) / math.sqrt(2)
+        sigma = _median_of_smallest(_upper_triangle(distances), n * (n - 1) // 2) / math.sqrt(2)
     elif rule == "knn":
         k = options.get("k", 10)
         if not isinstance(k, int | np.integer) or not 1 <= k < n:
@@ -278,7 +392,7 @@ def kernel_width(x: Any, rule: str = "median", **options: Any) -> Array:
         if not isinstance(num_columns, int | np.integer) or num_columns < 1:
             raise ValueError(f"num_columns must be a positive integer, got {num_columns!r}")
         sigma = jnp.mean(distances[:, :num_columns]) / math.sqrt(2)
-    return jax.lax.stop_gradient(_positive_or_fallback(sigma, off_diagonal))
+    return jax.lax.stop_gradient(_positive_or_fallback(sigma, distances))
 
 
 def gram_matrix(
@@ -296,6 +410,9 @@ def gram_matrix(
       ``**width_options``) picks σ from the batch, under ``stop_gradient``. An explicit
       ``sigma`` is used as given (so a learnt width stays differentiable).
     * ``kernel="linear"``: ``K_ij = x_i · x_j`` (takes no σ).
+
+    Half-precision inputs are computed in float32; results are float32. Samples sharded over
+    an explicit mesh axis are gathered first (module notes).
 
     Args:
       x: samples, shape ``(n, ...)``; each sample is flattened.
@@ -324,7 +441,7 @@ def gram_matrix(
     return jnp.exp(-pairwise_sq_distances(x) / (2 * sigma**2))
 
 
-def label_gram(labels: Any, num_classes: int | None = None) -> Array:
+def label_gram(labels: Any, num_classes: int | None = None, *, dtype: Any = None) -> Array:
     """Label kernel ``K_ij = [y_i == y_j]``.
 
     Args:
@@ -333,10 +450,15 @@ def label_gram(labels: Any, num_classes: int | None = None) -> Array:
       num_classes: optional number of classes; when given, integer labels outside
         ``[0, num_classes)`` (checked on concrete inputs) and one-hot rows of another width
         are refused.
+      dtype: floating dtype of the result, e.g. that of the feature Gram matrices it is
+        combined with. ``None``: the default floating dtype (for one-hot rows: their
+        floating dtype, float32 for half precision).
 
     Returns:
-      ``(n, n)`` Gram matrix in the default floating dtype (or the one-hot rows' dtype).
+      ``(n, n)`` Gram matrix.
     """
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype, got {dtype!r}")
     labels = jnp.asarray(labels)
     if labels.ndim == 2:
         if not jnp.issubdtype(labels.dtype, jnp.floating) and not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -344,6 +466,8 @@ def label_gram(labels: Any, num_classes: int | None = None) -> Array:
         if num_classes is not None and labels.shape[1] != num_classes:
             raise ValueError(f"one-hot labels have {labels.shape[1]} columns but num_classes={num_classes}")
         rows = _as_samples(labels)
+        if dtype is not None:
+            rows = rows.astype(dtype)
         return jnp.matmul(rows, rows.T, precision=_HIGHEST)
     if labels.ndim != 1:
         raise ValueError(f"labels must have shape (n,) or (n, num_classes), got {labels.shape}")
@@ -356,20 +480,23 @@ def label_gram(labels: Any, num_classes: int | None = None) -> Array:
         bad = values[(values < 0) | (values >= num_classes)]
         if bad.size:
             raise ValueError(f"labels must lie in [0, {num_classes}), got {bad[:5].tolist()}")
-    return (labels[:, None] == labels[None, :]).astype(jnp.result_type(float))
+    labels = _replicated(labels)
+    return (labels[:, None] == labels[None, :]).astype(jnp.result_type(float) if dtype is None else dtype)
 
 
 def normalize_gram(K: Any) -> Array:
-    """``A_ij = K_ij / (n sqrt(K_ii K_jj))``, a unit-trace matrix.
+    """``A_ij = K_ij / (n sqrt(K_ii K_jj))``, a unit-trace matrix; ``K`` may be a stack ``(..., n, n)``.
 
     A zero diagonal entry (a zero sample under the linear kernel) leaves its row and
-    column at zero instead of producing NaN; ``tr(A)`` is then below 1.
+    column at zero instead of producing NaN; ``tr(A)`` is then below 1 (by ``1/n`` per zero
+    sample), which :func:`renyi_entropy` refuses (``ValueError`` on concrete input, NaN under
+    tracing). Half-precision ``K`` is computed in float32; the result is float32.
     """
     K = _check_gram(K, "K")
-    n = K.shape[0]
-    diagonal = jnp.maximum(jnp.diagonal(K), jnp.finfo(K.dtype).tiny)
+    n = K.shape[-1]
+    diagonal = jnp.maximum(jnp.diagonal(K, axis1=-2, axis2=-1), jnp.finfo(K.dtype).tiny)
     scale = jnp.sqrt(diagonal)
-    return K / (n * scale[:, None] * scale[None, :])
+    return K / (n * scale[..., :, None] * scale[..., None, :])
 
 
 # ----------------------------------------------------------------------------- spectra
@@ -506,10 +633,22 @@ def _slq_trace(
     return total
 
 
+def _over_matrices(fn: Callable[..., Array], A: Array, *args: Array) -> Array:
+    """``fn`` of each ``(n, n)`` matrix of ``A`` (shape ``(..., n, n)``), as an array of shape ``...``.
+
+    ``args`` carry one entry per matrix along their leading axis (the flattened batch).
+    """
+    batch_shape = A.shape[:-2]
+    if not batch_shape:
+        return fn(A, *args)
+    flat = A.reshape(math.prod(batch_shape), *A.shape[-2:])
+    return jax.vmap(fn)(flat, *args).reshape(batch_shape)
+
+
 def renyi_entropy(
     A: Any,
-    alpha: float = 1.01,
     *,
+    alpha: float = 1.01,
     base: float = 2.0,
     method: str = "auto",
     key: Array | None = None,
@@ -520,8 +659,13 @@ def renyi_entropy(
     """Matrix-based Rényi α-order entropy ``S_α(A) = 1/(1-α) log_b Σ_i λ_i(A)^α``.
 
     Sánchez Giraldo, Rao & Príncipe (2015), Definition 4.1. ``A`` is a normalised Gram
-    matrix (unit trace, see :func:`normalize_gram`). ``α = 1`` gives the von Neumann limit
-    ``-Σ λ log_b λ``. The value is in bits for ``base=2`` (default).
+    matrix (unit trace, see :func:`normalize_gram`), or a stack ``(..., n, n)`` of them.
+    ``α = 1`` gives the von Neumann limit ``-Σ λ log_b λ``. The value is in bits for
+    ``base=2`` (default).
+
+    ``|tr(A) - 1|`` must be at most ``sqrt(eps)`` of ``A``'s dtype: otherwise concrete input
+    raises ``ValueError`` and traced input (under ``jit``, ``vmap``, ``grad``) gives NaN (see
+    the module notes). Half-precision inputs are computed in float32; results are float32.
 
     Methods:
 
@@ -537,30 +681,32 @@ def renyi_entropy(
       eigenspace (a randomised range finder with one power iteration) is taken exactly, the
       rest by ``num_probes`` Rademacher probes with ``num_matvecs`` Lanczos steps each. For
       ``α < 2`` it estimates ``tr(A^α - A)`` and adds ``tr A`` (a control variate: near
-      ``α = 1`` the entropy amplifies errors in ``tr A^α`` by ``1/|1-α|``). Needs ``key``.
-      Differentiable (matfree's Lanczos adjoint).
+      ``α = 1`` the entropy amplifies errors in ``tr A^α`` by ``1/|1-α|``). Needs ``key``;
+      a stack of matrices gets one split of it per matrix. Differentiable (matfree's
+      Lanczos adjoint).
 
     Args:
-      A: ``(n, n)`` symmetric positive semi-definite matrix with unit trace.
-      alpha: order ``α > 0``, a static Python number.
+      A: ``(..., n, n)`` symmetric positive semi-definite matrices with unit trace.
+      alpha: order ``α > 0``, a static Python number; keyword-only.
       base: logarithm base (2: bits, ``math.e``: nats).
       method: ``"auto"``, ``"eigh"``, ``"frobenius"`` or ``"slq"``.
       key: PRNG key, required by ``"slq"``.
       num_probes, num_matvecs, deflation_rank: ``"slq"`` settings.
 
     Returns:
-      scalar entropy; NaN if ``A`` holds NaN/Inf or its eigendecomposition failed.
+      entropies of shape ``...`` (a scalar for one matrix); NaN where ``A`` holds NaN/Inf,
+      its eigendecomposition failed or (traced) its trace is not 1.
     """
+    A = jnp.asarray(A)
+    input_dtype = A.dtype
     A = _check_gram(A)
     alpha = _check_alpha(alpha)
     base = _check_base(base)
     _check_choice("method", method, METHODS)
     if method == "auto":
         method = "frobenius" if alpha == 2 else "eigh"
-    if method == "frobenius":
-        if alpha != 2:
-            raise ValueError(f"method 'frobenius' is exact only for alpha = 2, got alpha={alpha!r}")
-        return -jnp.log(jnp.sum(A * A)) / math.log(base)
+    if method == "frobenius" and alpha != 2:
+        raise ValueError(f"method 'frobenius' is exact only for alpha = 2, got alpha={alpha!r}")
     if method == "slq":
         if key is None:
             raise ValueError("method 'slq' needs a PRNG key: renyi_entropy(A, ..., key=jax.random.key(0))")
@@ -571,10 +717,26 @@ def renyi_entropy(
         ):
             if not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        trace_value = _slq_trace(A, alpha, key, num_probes, num_matvecs, deflation_rank)
+    invalid = _trace_violation(A, input_dtype)
+    if method == "frobenius":
+        result = -jnp.log(jnp.sum(A * A, axis=(-2, -1))) / math.log(base)
     else:
-        trace_value = _trace_function(A, alpha, False)
-    return _entropy_from_trace(trace_value, alpha, base)
+        if method == "slq":
+
+            def trace_of(a, matrix_key):
+                return _slq_trace(a, alpha, matrix_key, num_probes, num_matvecs, deflation_rank)
+
+            if A.ndim == 2:
+                trace_value = trace_of(A, key)
+            else:
+                trace_value = _over_matrices(trace_of, A, jax.random.split(key, math.prod(A.shape[:-2])))
+        else:
+            trace_value = _over_matrices(lambda a: _trace_function(a, alpha, False), A)
+        result = _entropy_from_trace(trace_value, alpha, base)
+    if invalid is not None:
+        # A product, not a select: the gradient is NaN too.
+        result = result * jnp.where(invalid, jnp.nan, 1).astype(result.dtype)
+    return result
 
 
 # ----------------------------------------------------------------------------- joint quantities
@@ -592,43 +754,55 @@ def _hadamard_normalized(grams: Sequence[Any]) -> Array:
     if len(shapes) != 1:
         raise ValueError(f"Gram matrices must share one shape (same batch), got {[m.shape for m in mats]}")
     product = functools.reduce(jnp.multiply, mats)
-    return product / jnp.trace(product)
+    return product / jnp.trace(product, axis1=-2, axis2=-1)[..., None, None]
 
 
 def joint_entropy(*grams: Any, alpha: float = 1.01, key: Array | None = None, **options: Any) -> Array:
     """Joint entropy ``S_α(A_1, .., A_k) = S_α(A_1 ∘ .. ∘ A_k / tr(A_1 ∘ .. ∘ A_k))``.
 
-    Yu et al., TPAMI 2020, Definition 1. ``**options`` (``base``, ``method``, ...) go to
+    Yu et al., TPAMI 2020, Definition 1. The matrices share one shape, ``(n, n)`` or a stack
+    ``(..., n, n)`` (result of shape ``...``). ``**options`` (``base``, ``method``, ...) go to
     :func:`renyi_entropy`.
     """
-    return renyi_entropy(_hadamard_normalized(grams), alpha, key=key, **options)
+    # A number among the matrices is an α given positionally, as the other functions refuse it.
+    if any(isinstance(g, int | float) for g in grams):
+        raise TypeError(
+            "joint_entropy takes Gram matrices positionally and alpha by keyword: joint_entropy(A, B, alpha=...)"
+        )
+    return renyi_entropy(_hadamard_normalized(grams), alpha=alpha, key=key, **options)
 
 
-def mutual_information(A: Any, B: Any, alpha: float = 1.01, *, key: Array | None = None, **options: Any) -> Array:
+def mutual_information(A: Any, B: Any, *, alpha: float = 1.01, key: Array | None = None, **options: Any) -> Array:
     """``I_α(A; B) = S_α(A) + S_α(B) - S_α(A, B)``, symmetric, in ``[0, min(S_α(A), S_α(B))]``.
 
+    ``A`` and ``B`` are unit-trace ``(n, n)`` matrices or stacks ``(..., n, n)`` of one shape.
     ``**options`` go to :func:`renyi_entropy`; with ``method="slq"`` each of the three
     entropies gets its own split of ``key``.
     """
     keys = _entropy_keys(key, 3)
     return (
-        renyi_entropy(A, alpha, key=keys[0], **options)
-        + renyi_entropy(B, alpha, key=keys[1], **options)
+        renyi_entropy(A, alpha=alpha, key=keys[0], **options)
+        + renyi_entropy(B, alpha=alpha, key=keys[1], **options)
         - joint_entropy(A, B, alpha=alpha, key=keys[2], **options)
     )
 
 
-def conditional_entropy(A: Any, B: Any, alpha: float = 1.01, *, key: Array | None = None, **options: Any) -> Array:
-    """``S_α(A | B) = S_α(A, B) - S_α(B)``. ``**options`` go to :func:`renyi_entropy`."""
+def conditional_entropy(A: Any, B: Any, *, alpha: float = 1.01, key: Array | None = None, **options: Any) -> Array:
+    """``S_α(A | B) = S_α(A, B) - S_α(B)``, for ``(n, n)`` matrices or stacks ``(..., n, n)``.
+
+    ``**options`` go to :func:`renyi_entropy`.
+    """
     keys = _entropy_keys(key, 2)
-    return joint_entropy(A, B, alpha=alpha, key=keys[0], **options) - renyi_entropy(B, alpha, key=keys[1], **options)
+    return joint_entropy(A, B, alpha=alpha, key=keys[0], **options) - renyi_entropy(
+        B, alpha=alpha, key=keys[1], **options
+    )
 
 
-def mutual_information_matrix(grams: Any, alpha: float = 1.01, *, base: float = 2.0, method: str = "auto") -> Array:
+def mutual_information_matrix(grams: Any, *, alpha: float = 1.01, base: float = 2.0, method: str = "auto") -> Array:
     """Pairwise ``I_α`` between ``L`` normalised Gram matrices of one batch.
 
     The ``L`` entropies and the ``L(L-1)/2`` joint entropies are each computed by one
-    batched (``vmap``-ed) call, so their eigendecompositions run as one batch.
+    batched call, so their eigendecompositions run as one batch.
 
     The diagonal holds ``S_α(A_l)``, the Shannon convention ``I(T; T) = H(T)``. (The
     Hadamard estimator applied to a pair of equal matrices would give
@@ -636,7 +810,7 @@ def mutual_information_matrix(grams: Any, alpha: float = 1.01, *, base: float = 
 
     Args:
       grams: ``(L, n, n)`` stack of normalised Gram matrices.
-      alpha, base: as in :func:`renyi_entropy`.
+      alpha, base: as in :func:`renyi_entropy` (keyword-only).
       method: ``"auto"``, ``"eigh"`` or ``"frobenius"`` (``α = 2``).
 
     Returns:
@@ -648,15 +822,11 @@ def mutual_information_matrix(grams: Any, alpha: float = 1.01, *, base: float = 
     _check_choice("method", method, ("auto", "eigh", "frobenius"))
     num = grams.shape[0]
     entropy = functools.partial(renyi_entropy, alpha=alpha, base=base, method=method)
-    marginals = jax.vmap(entropy)(grams)
+    marginals = entropy(grams)
     rows, cols = np.triu_indices(num, 1)
     if rows.size == 0:
         return jnp.diag(marginals)
-
-    def pair_joint(i, j):
-        return entropy(_hadamard_normalized([grams[i], grams[j]]))
-
-    joints = jax.vmap(pair_joint)(rows, cols)
+    joints = entropy(_hadamard_normalized([grams[rows], grams[cols]]))
     pairwise = marginals[rows] + marginals[cols] - joints
     matrix = jnp.diag(marginals)
     return matrix.at[rows, cols].set(pairwise).at[cols, rows].set(pairwise)
@@ -671,7 +841,10 @@ def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
     ``checked(fn)(*args)`` runs ``jax.jit(fn)`` under ``jax.experimental.checkify`` with
     ``checkify.float_checks`` and raises ``FloatingPointError`` naming the first
     operation that produced a NaN. The entropy code produces no NaN on valid input, so the
-    check fires only on bad data. Equivalent by hand::
+    check fires only on bad data (a traced matrix without unit trace is bad data: its NaN is
+    reported). On CPU, checkify cannot batch the while loop of the eigenvalue bisection, so
+    ``fn`` may not take the entropy of a stack of matrices (or ``vmap`` one) with the
+    ``"eigh"`` method; check one matrix at a time. Equivalent by hand::
 
         err, out = checkify.checkify(jax.jit(fn), errors=checkify.float_checks)(*args)
         err.throw()

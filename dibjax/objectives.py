@@ -157,7 +157,7 @@ class DIB:
         if not needs_t:
             return loss, terms
         a_t = self._gram(features)
-        h_t = entropy.renyi_entropy(a_t, self.alpha)
+        h_t = entropy.renyi_entropy(a_t, alpha=self.alpha)
         terms["H_T"] = h_t
         if self.compression == "entropy":
             loss = loss + self.beta * h_t
@@ -167,12 +167,14 @@ class DIB:
                 raise ValueError(f"dib: compression {self.compression!r} needs the stage's input; none was given")
             # The stages before this one are frozen (or behind a stop_gradient): their entropy is a constant.
             a_s = jax.lax.stop_gradient(self._gram(source))
-            mi = entropy.renyi_entropy(a_s, self.alpha) + h_t - entropy.joint_entropy(a_s, a_t, alpha=self.alpha)
+            mi = entropy.renyi_entropy(a_s, alpha=self.alpha) + h_t - entropy.joint_entropy(a_s, a_t, alpha=self.alpha)
             terms["I_XT" if self.compression == "mi_input" else "I_prev"] = mi
             loss = loss + self.beta * mi
         if self.gamma > 0:
-            a_y = entropy.normalize_gram(entropy.label_gram(labels))
-            i_ty = h_t + entropy.renyi_entropy(a_y, self.alpha) - entropy.joint_entropy(a_t, a_y, alpha=self.alpha)
+            a_y = entropy.normalize_gram(entropy.label_gram(labels, dtype=a_t.dtype))
+            i_ty = (
+                h_t + entropy.renyi_entropy(a_y, alpha=self.alpha) - entropy.joint_entropy(a_t, a_y, alpha=self.alpha)
+            )
             terms["I_TY"] = i_ty
             loss = loss - self.gamma * i_ty
         return loss, terms
@@ -253,7 +255,7 @@ class HSICBottleneck:
         k_t = entropy.gram_matrix(reduce_features(features, self.pool), width=self.width)
         k_x = jax.lax.stop_gradient(entropy.gram_matrix(reduce_features(network_input, self.pool), width=self.width))
         hsic_x = hsic(k_t, k_x)
-        hsic_y = hsic(k_t, entropy.label_gram(labels))
+        hsic_y = hsic(k_t, entropy.label_gram(labels, dtype=k_t.dtype))
         # The head's cross-entropy only reaches the head: its input is stop_gradient(T_k).
         return ce + hsic_x - self.lam * hsic_y, {"ce": ce, "hsic_x": hsic_x, "hsic_y": hsic_y}
 

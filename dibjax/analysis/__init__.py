@@ -136,7 +136,9 @@ class ProbeAnalysis:
         self.width = width
         self.images = jnp.asarray(images)
         self._grams = jax.jit(self._grams_fn)
-        self._mi_matrix = jax.jit(lambda grams: entropy.mutual_information_matrix(grams, self.alpha, method="eigh"))
+        self._mi_matrix = jax.jit(
+            lambda grams: entropy.mutual_information_matrix(grams, alpha=self.alpha, method="eigh")
+        )
         self._spectra = jax.jit(self._spectra_fn)
         self._similarity = jax.jit(self._similarity_fn)
         x = data.normalize(self.images, info)
@@ -151,7 +153,7 @@ class ProbeAnalysis:
         return jnp.matmul(z, z.T, precision=jax.lax.Precision.HIGHEST)
 
     def _entropy(self, A):
-        return entropy.renyi_entropy(A, self.alpha, method="eigh")
+        return entropy.renyi_entropy(A, alpha=self.alpha, method="eigh")
 
     def _self_information(self, A):
         # I(A; A) under the Hadamard joint estimator: 2 S(A) - S(A ∘ A / tr).
