@@ -70,21 +70,23 @@ def main() -> None:
         steps, states = {}, {}
         for name, stage_trainer in trainers.items():
             states[name] = stage_trainer.create_state()
-            sharded = [stage_trainer.shard(b) for b in batches]
-            steps[name] = (stage_trainer.train_steps[k].lower(states[name], sharded[0]).compile(), sharded)
-            states[name], _ = steps[name][0](states[name], sharded[0])  # warm-up
+            sharded = [stage_trainer.shard(b, len(b["label"])) for b in batches]
+            totals = stage_trainer.zero_totals(k, states[name], sharded[0])
+            compiled = stage_trainer.train_steps[k].lower(states[name], totals, sharded[0]).compile()
+            steps[name] = (compiled, sharded)
+            states[name] = compiled(states[name], totals, sharded[0])[:2]  # warm-up
         times = {name: [] for name in trainers}
         for _ in range(args.rounds):
             for name in trainers:
                 step, sharded = steps[name]
-                state = states[name]
+                state, totals = states[name]
                 jax.block_until_ready(state)
                 start = time.perf_counter()
                 for batch in sharded:
-                    state, _ = step(state, batch)
+                    state, totals, _ = step(state, totals, batch)
                 jax.block_until_ready(state)
                 times[name].append((time.perf_counter() - start) / len(sharded))
-                states[name] = state
+                states[name] = state, totals
         ce, dib = (statistics.median(times[name]) * 1e3 for name in ("ce", "dib"))
         print(f"| {k} | {ce:.1f} | {dib:.1f} | {dib / ce:.3f} |", flush=True)
 

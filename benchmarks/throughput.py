@@ -70,11 +70,14 @@ def hand_written(config, info, steps_per_epoch):
 
 def dibjax_step(config, info, steps_per_epoch):
     run_trainer = trainer.Trainer(config, info, steps_per_epoch)
-    state = {"value": run_trainer.create_state()}
+    state = {"value": run_trainer.create_state(), "totals": None}
 
     def run(batch, i):
-        state["value"], metrics = run_trainer.train_steps[0](state["value"], run_trainer.shard(batch))
-        return metrics["loss"]
+        sharded = run_trainer.shard(batch, len(batch["label"]))
+        if state["totals"] is None:
+            state["totals"] = run_trainer.zero_totals(0, state["value"], sharded)
+        state["value"], state["totals"], _ = run_trainer.train_steps[0](state["value"], state["totals"], sharded)
+        return state["totals"]["loss"]
 
     return run
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pathlib
-import shutil
 import time
 import warnings
 from collections.abc import Collection
@@ -29,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from dibjax import distributed
 from dibjax.errors import CheckpointError, WorkdirError
 
 FINGERPRINT_KEY = "dibjax_fingerprint"
@@ -123,7 +123,7 @@ class Checkpoints:
         keep_epochs: Collection[int] = (),
         create: bool = True,
     ):
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = epath.Path(workdir)
         self.directory = self.workdir / "checkpoints"
         policies = ocp.checkpoint_managers.preservation_policy
         policy = policies.LatestN(keep_latest)
@@ -273,10 +273,13 @@ class Checkpoints:
             "--config.train.overwrite=True) to start over"
         )
 
-    def _quarantine(self, epoch: int) -> pathlib.Path:
+    def _quarantine(self, epoch: int) -> epath.Path:
+        # Every process found the same damage (they read the same files); the primary one moves the folder.
         target = self.workdir / QUARANTINE / f"{epoch}-{time.strftime('%Y%m%d-%H%M%S')}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(os.fspath(self.directory / str(epoch)), os.fspath(target))
+        if distributed.is_primary():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(epoch)).rename(target)
+        distributed.synchronize(f"checkpoint {epoch} moved aside")
         self._manager.reload()
         return target
 

@@ -25,15 +25,14 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import threadpoolctl
 import tqdm
 
-from dibjax import analysis, config_lib, data, schedulers
+from dibjax import analysis, config_lib, data, distributed, schedulers
 from dibjax.checkpoints import Checkpoints
-from dibjax.errors import NonFiniteLossError, RunInterrupted, WorkdirError
+from dibjax.errors import ConfigError, NonFiniteLossError, RunInterrupted, WorkdirError
 from dibjax.trainer import Trainer
 from dibjax.workdir import ANALYSIS_FILE, GRADIENT_FILE, METRICS_FILE, Workdir
 
@@ -72,6 +71,12 @@ def single_threaded_blas() -> contextlib.AbstractContextManager:
     return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
+def _print(*args) -> None:
+    """``print`` in the primary process only: the processes of a run would each print the same line."""
+    if distributed.is_primary():
+        print(*args, flush=True)
+
+
 class _StopRequests:
     """Turns the first SIGINT/SIGTERM into a request that the loop honours at the next step.
 
@@ -99,8 +104,17 @@ class _StopRequests:
         for number, handler in self._previous.items():
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
-    def raise_if_requested(self) -> None:
-        if self.signal_number is not None:
+    def raise_if_requested(self, *, every_process: bool = False) -> None:
+        """Raises ``KeyboardInterrupt`` if a stop was requested: here, or with ``every_process`` in any process.
+
+        With several processes, every process must stop after the same step, or the others would wait for it in
+        the next step's collectives: they agree at the points where all call this with ``every_process=True``.
+        """
+        if jax.process_count() > 1:
+            if every_process and distributed.any_process(self.signal_number is not None):
+                self.signal_number = self.signal_number or signal.SIGTERM
+                raise KeyboardInterrupt
+        elif self.signal_number is not None:
             raise KeyboardInterrupt
 
 
@@ -127,14 +141,15 @@ def _finished_line(summary: dict[str, Any], path) -> str:
 
 def _header(config: ml_collections.ConfigDict, workdir: Workdir, trainer: Trainer, train_ds, test_ds) -> None:
     devices = jax.devices()
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     evaluated = "validation" if config.data.get("validation_size") else "test"
     where = f"{config.data.source} {config.data.dir}" if config.data.dir else config.data.source
-    print(
+    _print(
         f"dibjax: {config.data.name} {config.get('variant', '')} · scheduler {config.scheduler}, objective "
         f"{config.objective.name}, {config.model.name} in {trainer.num_stages} stages · workdir {workdir.path}"
     )
-    print(
-        f"devices: {len(devices)} × {devices[0].device_kind} (JAX {jax.__version__}) · "
+    _print(
+        f"devices: {len(devices)} × {devices[0].device_kind}{processes} (JAX {jax.__version__}) · "
         f"data: {len(train_ds):,} training / {len(test_ds):,} {evaluated} images ({where})"
     )
 
@@ -254,12 +269,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Workdir, sto
     analyse = bool(config.analysis.enabled)
     finished = workdir.finished_summary(config)
     if finished is not None and not (analyse and not workdir.file(ANALYSIS_FILE).exists()):
-        print(f"{workdir.path} holds this finished run: {_finished_line(finished, workdir.file('summary.json'))}")
+        _print(f"{workdir.path} holds this finished run: {_finished_line(finished, workdir.file('summary.json'))}")
         return finished
 
+    if analyse and jax.process_count() > 1:
+        raise ConfigError(
+            "analysis.enabled=True runs in a single process; train without it and analyse the checkpoints "
+            "afterwards with python -m dibjax.analysis"
+        )
     train_ds, test_ds, info = data.load(config.data)
     config_lib.check_batch_sizes(config, len(train_ds), jax.device_count())
+    # Every process has read the folder before the primary one writes to it.
+    distributed.synchronize("workdir checked")
     workdir.claim(config)
+    distributed.synchronize("workdir claimed")
     trainer = Trainer(config, info, data.steps_per_epoch(len(train_ds), config.train.batch_size))
     total_epochs = sum(phase.num_epochs for phase in trainer.phases)
     if finished is not None:
@@ -279,7 +302,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Workdir, sto
     path = workdir.write_summary(summary)
     if analyse:
         summary = _analyse(workdir, trainer, train_ds, summary)
-    print(f"finished: {_finished_line(summary, path)}")
+    _print(f"finished: {_finished_line(summary, path)}")
     return summary
 
 
@@ -308,14 +331,16 @@ def _train(
         if 0 in kept:
             checkpoints.save(0, state)
     else:
-        print(f"resuming after epoch {completed}/{total_epochs}, from its checkpoint")
+        _print(f"resuming after epoch {completed}/{total_epochs}, from its checkpoint")
 
     records = workdir.read_records(METRICS_FILE, before_epoch=completed + 1)
     workdir.read_records(GRADIENT_FILE, before_epoch=completed + 1)
     # Wall time counts every invocation that contributed a kept epoch (not the work an interruption lost).
     elapsed_before = records[-1]["elapsed_seconds"] if records else 0.0
-    show_bars = bool(config.train.progress) and sys.stderr.isatty()
+    show_bars = bool(config.train.progress) and sys.stderr.isatty() and distributed.is_primary()
     batch_size = config.train.batch_size
+    eval_batch_size = config_lib.eval_batch_size(config, jax.device_count())
+    rows = trainer.local_rows(batch_size)
     sample_batch = None
     epoch, where = 0, "the run's set-up"
     try:
@@ -324,16 +349,18 @@ def _train(
                 epoch += phase.num_epochs
                 continue
             if sample_batch is None:
-                sample_batch = trainer.shard(next(data.train_batches(train_ds, batch_size, seed=config.seed, epoch=1)))
+                first = data.train_batches(train_ds, batch_size, seed=config.seed, epoch=1, rows=rows)
+                sample_batch = trainer.shard(next(first), batch_size)
             what = "the network" if phase.stage is None else f"stage {phase.stage + 1}/{trainer.num_stages}"
             where = f"the compilation of {what}'s training step"
-            print(f"compiling {what}'s training step …")
+            _print(f"compiling {what}'s training step …")
             compile_start = time.perf_counter()
+            zero_totals = trainer.zero_totals(phase_index, state, sample_batch)
             # Compiled once ahead of time: the executable gives XLA's memory analysis and runs every step.
-            train_step = trainer.train_steps[phase_index].lower(state, sample_batch).compile()
+            train_step = trainer.train_steps[phase_index].lower(state, zero_totals, sample_batch).compile()
             step_bytes = trainer.peak_memory_bytes(train_step)
             memory = f"; XLA's estimate of its memory: {step_bytes / 2**20:.0f} MiB" if step_bytes else ""
-            print(f"compiled in {time.perf_counter() - compile_start:.1f} s{memory}")
+            _print(f"compiled in {time.perf_counter() - compile_start:.1f} s{memory}")
             head = schedulers.evaluated_heads(phase, trainer.num_stages)[-1]
             for phase_epoch in range(1, phase.num_epochs + 1):
                 epoch += 1
@@ -341,16 +368,17 @@ def _train(
                     continue
                 where = _position(trainer, phase, phase_epoch, epoch, total_epochs)
                 epoch_start = time.perf_counter()
-                totals, unit_grad_norms = None, []
-                batches = data.train_batches(train_ds, batch_size, seed=config.seed, epoch=epoch)
+                totals, unit_grad_norms = trainer.zero_totals(phase_index, state, sample_batch), []
+                host_batches = data.train_batches(train_ds, batch_size, seed=config.seed, epoch=epoch, rows=rows)
+                batches = data.prefetch((trainer.shard(b, batch_size) for b in host_batches), size=2)
                 bar = tqdm.tqdm(batches, total=trainer.steps_per_epoch, desc=where, disable=not show_bars, leave=False)
                 for i, batch in enumerate(bar):
-                    state, metrics = train_step(state, trainer.shard(batch))
-                    totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+                    state, totals, unit_grad_norm = train_step(state, totals, batch)
                     if analyse:
-                        unit_grad_norms.append(metrics["unit_grad_norm"])
+                        unit_grad_norms.append(unit_grad_norm)
                     stop.raise_if_requested()
                     if (i + 1) % config.train.log_every_steps == 0:
+                        stop.raise_if_requested(every_process=True)
                         _check_finite(state, where, trainer.steps_per_epoch, epoch)
                         if checkpoints is not None:
                             checkpoints.check()
@@ -365,8 +393,8 @@ def _train(
                 host = jax.device_get(totals)
                 _check_finite(state, where, trainer.steps_per_epoch, epoch)
                 train_seconds = time.perf_counter() - epoch_start
-                test = trainer.evaluate(phase_index, state, test_ds, config.train.eval_batch_size)
-                stop.raise_if_requested()
+                test = trainer.evaluate(phase_index, state, test_ds, eval_batch_size)
+                stop.raise_if_requested(every_process=True)
                 timing = {
                     "train_seconds": train_seconds,
                     "seconds": time.perf_counter() - epoch_start,
@@ -387,7 +415,7 @@ def _train(
                     ) from e
                 for r in new_records:
                     shown = where if r["stage"] is None or phase.stage is not None else f"head {r['stage']}, {where}"
-                    print(
+                    _print(
                         f"{shown}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f} | "
                         f"test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f} | "
                         f"{r['images_per_second']:.0f} img/s"
@@ -403,7 +431,7 @@ def _train(
 
 def _analyse(workdir: Workdir, trainer: Trainer, train_ds: data.ArrayDataset, summary: dict) -> dict:
     analysis_start = time.perf_counter()
-    print("analysing the run's checkpoints …")
+    _print("analysing the run's checkpoints …")
     analysis.analyze_run(workdir.path, trainer, train_ds)
     summary = dict(summary, analysis_seconds=time.perf_counter() - analysis_start)
     workdir.write_summary(summary)

@@ -1,7 +1,9 @@
 """The trainer of one configuration: its model, training state and compiled steps, one pair per phase.
 
-The batch is split over a 1-D device mesh with axis ``"data"`` and the :class:`~dibjax.schedulers.TrainState` is
-replicated, so the same code runs on one CPU, a TPU slice or several GPUs.
+The batch is split over a 1-D mesh of every device of every process, axis ``"data"``, and the
+:class:`~dibjax.schedulers.TrainState` is replicated, so the same code runs on one CPU, a TPU pod slice or
+several GPU hosts. Each process passes only its own rows of a batch (:meth:`Trainer.shard`); the compiled steps
+pin the shardings of what they take and give.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dibjax import config_lib, data, models, objectives, optim, schedulers, streams
+from dibjax import config_lib, data, distributed, models, objectives, optim, schedulers, streams
 from dibjax.schedulers import TrainState
 
 
@@ -31,7 +33,10 @@ class Trainer:
         net: the model as pure functions (:class:`~dibjax.schedulers.FunctionalModel`).
         phases: the scheduler's phases, in order.
         lr_schedules: one learning-rate schedule per parameter group, over the group's steps.
-        train_steps, eval_steps: one jitted step per phase; a train step donates its state.
+        train_steps: one jitted step per phase, ``(state, totals, batch) -> (state, totals, unit_grad_norm)``:
+            ``totals`` sums the batch metrics of :func:`dibjax.schedulers.train_step` over an epoch on the devices
+            (start from :meth:`zero_totals`); state and totals are donated.
+        eval_steps: one jitted step per phase, ``(state, batch) -> sums`` of losses, right answers and count.
     """
 
     config: ml_collections.ConfigDict
@@ -60,11 +65,23 @@ class Trainer:
         self.mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self._metric_shapes: dict[int, dict] = {}
+        replicated, batch = self.replicated, self.batch_sharding
         self.train_steps = [
-            jax.jit(functools.partial(self._train_step, phase), donate_argnums=0) for phase in self.phases
+            jax.jit(
+                functools.partial(self._train_step, phase),
+                in_shardings=(replicated, replicated, batch),
+                out_shardings=replicated,
+                donate_argnums=(0, 1),
+            )
+            for phase in self.phases
         ]
         self.eval_steps = [
-            jax.jit(functools.partial(self._eval_step, schedulers.evaluated_heads(phase, num_stages)))
+            jax.jit(
+                functools.partial(self._eval_step, schedulers.evaluated_heads(phase, num_stages)),
+                in_shardings=(replicated, batch),
+                out_shardings=replicated,
+            )
             for phase in self.phases
         ]
 
@@ -96,11 +113,29 @@ class Trainer:
         shapes = jax.eval_shape(self._initial_state)
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), shapes)
 
-    def _train_step(self, phase: schedulers.Phase, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def _step_metrics(self, phase: schedulers.Phase, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.augment_key), state.step)
         images = data.augment(batch["image"], key, crop_padding=self.config.data.crop_padding, flip=self.info.flip)
         images = data.normalize(images, self.info)
         return schedulers.train_step(self.net, self.objective, self.optimizers, phase, state, images, batch["label"])
+
+    def _train_step(
+        self, phase: schedulers.Phase, state: TrainState, totals: dict, batch: dict
+    ) -> tuple[TrainState, dict, jax.Array]:
+        state, metrics = self._step_metrics(phase, state, batch)
+        unit_grad_norm = metrics.pop("unit_grad_norm")
+        return state, jax.tree.map(jnp.add, totals, metrics), unit_grad_norm
+
+    def zero_totals(self, phase_index: int, state: TrainState, batch: dict) -> dict:
+        """Zero sums of the metrics of a training step of the phase (shapes from one abstract evaluation per phase)."""
+        if phase_index not in self._metric_shapes:
+            step = functools.partial(self._step_metrics, self.phases[phase_index])
+            _, metrics = jax.eval_shape(step, state, batch)
+            del metrics["unit_grad_norm"]
+            self._metric_shapes[phase_index] = metrics
+        return jax.tree.map(
+            lambda m: jnp.zeros(m.shape, m.dtype, device=self.replicated), self._metric_shapes[phase_index]
+        )
 
     def _eval_step(self, heads: tuple[int, ...], state: TrainState, batch: dict) -> dict:
         logits = schedulers.eval_logits(self.net, state, data.normalize(batch["image"], self.info), heads)
@@ -112,15 +147,26 @@ class Trainer:
             out[f"correct/{k}"] = jnp.sum((jnp.argmax(head_logits, -1) == batch["label"]) & mask)
         return out
 
-    def shard(self, batch: dict) -> dict:
-        """A host batch as global arrays split over the mesh's ``"data"`` axis."""
-        return jax.device_put(batch, self.batch_sharding)
+    def local_rows(self, batch_size: int) -> slice:
+        """The rows of a global batch of ``batch_size`` this process provides (all of them with one process)."""
+        return distributed.local_rows(self.batch_sharding, batch_size)
+
+    def shard(self, local_batch: dict, batch_size: int) -> dict:
+        """This process's rows of a global batch of ``batch_size`` (:meth:`local_rows`) as global arrays."""
+        return {
+            name: jax.make_array_from_process_local_data(self.batch_sharding, rows, (batch_size, *rows.shape[1:]))
+            for name, rows in local_batch.items()
+        }
 
     def evaluate(self, phase_index: int, state: TrainState, dataset: data.ArrayDataset, batch_size: int) -> dict:
-        """Loss and accuracy of the heads the phase reports on, ``{head: {"loss": .., "accuracy": ..}}``."""
+        """Loss and accuracy of the heads the phase reports on, ``{head: {"loss": .., "accuracy": ..}}``.
+
+        ``batch_size`` must split evenly over the devices (:func:`eval_batch_size` rounds a configured size up).
+        """
         totals = None
-        for batch in data.eval_batches(dataset, batch_size):
-            metrics = self.eval_steps[phase_index](state, self.shard(batch))
+        for batch in data.eval_batches(dataset, batch_size, rows=self.local_rows(batch_size)):
+            metrics = self.eval_steps[phase_index](state, self.shard(batch, batch_size))
+            # A handful of evaluation batches per epoch: eager sums cost nothing measurable here.
             totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
         totals = jax.device_get(totals)
         heads = schedulers.evaluated_heads(self.phases[phase_index], self.num_stages)

@@ -13,18 +13,21 @@ Files (every epoch count starts at 1; checkpoint and record ``e`` describe the s
   (:mod:`dibjax.analysis`).
 
 Every write that fails (permissions, a full disk) raises :class:`~dibjax.errors.WorkdirError` naming the file.
+Paths go through ``etils.epath``, so a workdir may be a local folder or a cloud bucket path such as
+``gs://bucket/run`` (reading and writing buckets needs ``gcsfs``). With several processes only the primary one
+(:func:`dibjax.distributed.is_primary`) writes; the others read.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pathlib
-import shutil
 from typing import Any
 
 import ml_collections
+from etils import epath
 
+from dibjax import distributed
 from dibjax.checkpoints import QUARANTINE, failure_reason
 from dibjax.errors import WorkdirError
 
@@ -49,17 +52,26 @@ def _flat(tree: dict, prefix: tuple = ()) -> dict:
     return out
 
 
-def write_text(path: pathlib.Path, text: str, *, append: bool = False) -> None:
-    """Writes (or appends) ``text`` to ``path``; a failure raises :class:`WorkdirError` naming the file."""
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an ``epath.Path``: local paths made absolute (``~`` expanded), bucket paths (``gs://``) as given."""
+    text = os.fspath(path)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def write_text(path: epath.Path, text: str, *, append: bool = False) -> None:
+    """Writes (or appends) ``text`` to ``path``; a failure raises :class:`WorkdirError` naming the file.
+
+    Written to a temporary file and renamed, so that a failed write leaves the old file whole. Appending rewrites
+    the file the same way (bucket storage cannot append; a run's record files stay small).
+    """
     try:
-        if append:
-            with path.open("a") as f:
-                f.write(text)
-        else:
-            # Written to a temporary file and renamed, so that a failed write leaves the old file whole.
-            partial = path.with_name(path.name + ".partial")
-            partial.write_text(text)
-            os.replace(partial, path)
+        if append and path.exists():
+            text = path.read_text() + text
+        partial = path.parent / (path.name + ".partial")
+        partial.write_text(text)
+        partial.replace(path)
     except OSError as e:
         raise WorkdirError(f"cannot write {path}: {failure_reason(e)}") from e
 
@@ -68,9 +80,9 @@ class Workdir:
     """A run's folder. Nothing is written until :meth:`claim`."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = pathlib.Path(path).expanduser().absolute()
+        self.path = as_path(path)
 
-    def file(self, name: str) -> pathlib.Path:
+    def file(self, name: str) -> epath.Path:
         return self.path / name
 
     def config_differences(self, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
@@ -100,20 +112,25 @@ class Workdir:
             )
 
     def claim(self, config: ml_collections.ConfigDict) -> None:
-        """Creates the folder, removes another configuration's results (``train.overwrite``), writes config.json."""
+        """Creates the folder, removes another configuration's results (``train.overwrite``), writes config.json.
+
+        Only the primary process writes; call :func:`dibjax.distributed.synchronize` around it with several.
+        """
         self.check(config)
+        if not distributed.is_primary():
+            return
         if self.config_differences(config):
             for name in _RUN_FILES:
                 path = self.file(name)
                 if path.is_dir():
-                    shutil.rmtree(path)
+                    path.rmtree()
                 elif path.exists():
                     path.unlink()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise WorkdirError(f"cannot create the workdir {self.path}: {failure_reason(e)}") from e
-        if not os.access(self.path, os.W_OK):
+        if "://" not in os.fspath(self.path) and not os.access(self.path, os.W_OK):
             raise WorkdirError(f"the workdir {self.path} is not writable: {os.strerror(13)}")
         write_text(self.file(CONFIG_FILE), json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True))
 
@@ -134,14 +151,16 @@ class Workdir:
             return []
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         kept = [r for r in records if r["epoch"] < before_epoch]
-        if len(kept) != len(records):
+        if len(kept) != len(records) and distributed.is_primary():
             write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     def append_records(self, name: str, records: list[dict]) -> None:
-        write_text(self.file(name), "".join(json.dumps(r) + "\n" for r in records), append=True)
+        if distributed.is_primary():
+            write_text(self.file(name), "".join(json.dumps(r) + "\n" for r in records), append=True)
 
-    def write_summary(self, summary: dict[str, Any]) -> pathlib.Path:
+    def write_summary(self, summary: dict[str, Any]) -> epath.Path:
         path = self.file(SUMMARY_FILE)
-        write_text(path, json.dumps(summary, indent=2))
+        if distributed.is_primary():
+            write_text(path, json.dumps(summary, indent=2))
         return path

@@ -179,8 +179,9 @@ def test_unit_gradient_norms_split_each_stage_norm(tiny_data, tmp_path):
         "image": rng.integers(0, 255, (16, 16, 16, 3)).astype(np.uint8),
         "label": rng.integers(0, 10, 16).astype(np.int32),
     }
-    _, metrics = run_trainer.train_steps[0](run_trainer.create_state(), batch)
-    units, stages = np.asarray(metrics["unit_grad_norm"]), np.asarray(metrics["grad_norm"])
+    state, batch = run_trainer.create_state(), run_trainer.shard(batch, 16)
+    _, totals, unit_grad_norm = run_trainer.train_steps[0](state, run_trainer.zero_totals(0, state, batch), batch)
+    units, stages = np.asarray(unit_grad_norm), np.asarray(totals["grad_norm"])
     assert units.shape == (4,) and np.all(units > 0)
     np.testing.assert_allclose([np.hypot(*units[:2]), np.hypot(*units[2:])], stages, rtol=1e-5)
 

@@ -368,7 +368,8 @@ def test_the_first_step_never_deletes_the_models_own_arrays(tiny_data):
     run_trainer = trainer.Trainer(smoke_config(tiny_data), data.DATASETS["cifar10"], steps_per_epoch=6)
     state = run_trainer.create_state()
     batch = next(data.train_batches(data.load(smoke_config(tiny_data).data)[0], 16, seed=0, epoch=1))
-    run_trainer.train_steps[0](state, run_trainer.shard(batch))
+    sharded = run_trainer.shard(batch, 16)
+    run_trainer.train_steps[0](state, run_trainer.zero_totals(0, state, sharded), sharded)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state.params))  # donated, as on any device count
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(run_trainer.net.initial_params))
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(run_trainer.create_state()))

@@ -64,7 +64,7 @@ from dibjax.data.augmentation import augment, normalize
 from dibjax.data.cifar import download_cifar, prepare_tfds_cifar
 from dibjax.data.dataset import DATASETS, ArrayDataset, DatasetInfo, checked_dataset
 from dibjax.data.gtsrb import download_gtsrb
-from dibjax.data.pipeline import eval_batches, split_validation, steps_per_epoch, train_batches
+from dibjax.data.pipeline import eval_batches, prefetch, split_validation, steps_per_epoch, train_batches
 
 __all__ = [
     "DATASETS",
@@ -78,6 +78,7 @@ __all__ = [
     "eval_batches",
     "load",
     "normalize",
+    "prefetch",
     "prepare_tfds_cifar",
     "split_validation",
     "steps_per_epoch",

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import collections
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
 
 from dibjax import errors, streams
 from dibjax.data.dataset import ArrayDataset
 
-__all__ = ["eval_batches", "split_validation", "steps_per_epoch", "subset_indices", "take", "train_batches"]
+__all__ = [
+    "eval_batches",
+    "prefetch",
+    "split_validation",
+    "steps_per_epoch",
+    "subset_indices",
+    "take",
+    "train_batches",
+]
 
 
 def subset_indices(n: int, limit: int | None) -> np.ndarray | None:
@@ -45,16 +56,22 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size
 
 
-def train_batches(dataset: ArrayDataset, batch_size: int, *, seed: int, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-    """Yields one epoch of shuffled training batches.
+def train_batches(
+    dataset: ArrayDataset, batch_size: int, *, seed: int, epoch: int, rows: slice | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields one epoch of shuffled training batches, or this process's rows of each.
 
     The order is a permutation drawn from :func:`dibjax.streams.order_rng` ``(seed, epoch)``
     (epochs count from 1): the same ``(seed, epoch)`` always gives the same batches. The last
     partial batch is dropped, so every batch has exactly ``batch_size`` samples and each sample
     appears at most once.
 
+    With ``rows`` (a slice of ``range(batch_size)``, :func:`dibjax.distributed.local_rows`) only those rows of
+    each global batch are gathered: every process of a multi-process run holds the same data set and takes its
+    own share of the same global batches.
+
     Yields:
-        ``{"image": uint8 (B, H, W, 3), "label": int32 (B,)}``.
+        ``{"image": uint8 (B, H, W, 3), "label": int32 (B,)}``, ``B`` the batch size or the rows' count.
 
     Raises:
         errors.ConfigError: when ``batch_size`` is not in ``[1, len(dataset)]`` or seed is negative or epoch below 1.
@@ -65,15 +82,20 @@ def train_batches(dataset: ArrayDataset, batch_size: int, *, seed: int, epoch: i
     order = streams.order_rng(seed, epoch).permutation(len(dataset))
     for step in range(steps):
         indices = order[step * batch_size : (step + 1) * batch_size]
+        if rows is not None:
+            indices = indices[rows]
         yield {"image": dataset.images[indices], "label": dataset.labels[indices]}
 
 
-def eval_batches(dataset: ArrayDataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Yields every sample once, in order, in batches of a fixed size.
+def eval_batches(
+    dataset: ArrayDataset, batch_size: int, *, rows: slice | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields every sample once, in order, in batches of a fixed size (or this process's rows of each).
 
     The last batch is padded with black images of label 0 up to ``batch_size``, so every
     batch has the same shape (one jit compilation). ``"mask"`` is True for real samples:
-    weight per-sample metrics by it.
+    weight per-sample metrics by it. ``rows`` as in :func:`train_batches`: across the processes'
+    rows every sample is counted exactly once.
 
     Yields:
         ``{"image": uint8 (B, H, W, 3), "label": int32 (B,), "mask": bool (B,)}``.
@@ -94,4 +116,21 @@ def eval_batches(dataset: ArrayDataset, batch_size: int) -> Iterator[dict[str, n
             images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), dtype=images.dtype)])
             labels = np.concatenate([labels, np.zeros((pad,), dtype=labels.dtype)])
             mask[real:] = False
-        yield {"image": images, "label": labels, "mask": mask}
+        batch = {"image": images, "label": labels, "mask": mask}
+        yield batch if rows is None else {name: array[rows] for name, array in batch.items()}
+
+
+Item = TypeVar("Item")
+
+
+def prefetch(items: Iterable[Item], size: int = 2) -> Iterator[Item]:
+    """Yields ``items`` in order, keeping ``size`` of them produced ahead of the one being used.
+
+    With items made by ``jax.make_array_from_process_local_data`` (or ``jax.device_put``), whose host-to-device
+    copies run asynchronously, the next batches travel to the devices while the current step runs.
+    """
+    iterator = iter(items)
+    queue = collections.deque(itertools.islice(iterator, size))
+    while queue:
+        yield queue.popleft()
+        queue.extend(itertools.islice(iterator, 1))
