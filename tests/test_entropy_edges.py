@@ -94,6 +94,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_batch_sharded_inputs_give_the_unsharded_values():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     out = subprocess.run(

@@ -1,6 +1,6 @@
 """Every notebook runs top to bottom on CPU at its tiny setting (``DIBJAX_NOTEBOOK_TINY=1``).
 
-The Colab TPU notebook (02) runs on 8 simulated CPU devices, as on a TPU v2-8 or v3-8.
+The Colab TPU notebook (02) also runs on 8 simulated CPU devices, as on a TPU v2-8 or v3-8 (marked slow).
 """
 
 import pathlib
@@ -20,11 +20,17 @@ def test_the_three_notebooks_exist():
     ]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_at_its_tiny_setting(path, tmp_path, monkeypatch):
+CASES = [pytest.param(path, 1, id=path.stem) for path in NOTEBOOKS] + [
+    pytest.param(path, 8, id=f"{path.stem}-8-devices", marks=pytest.mark.slow)
+    for path in NOTEBOOKS
+    if path.stem == "02_greedy_dib_cifar10"
+]
+
+
+@pytest.mark.parametrize("path,devices", CASES)
+def test_notebook_runs_at_its_tiny_setting(path, devices, tmp_path, monkeypatch):
     monkeypatch.setenv("DIBJAX_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    devices = 8 if path.stem == "02_greedy_dib_cifar10" else 1
     monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count={devices}")
     notebook = nbformat.read(path, as_version=4)
     # Runs in a scratch folder: the notebooks write their runs under ./runs.
@@ -46,4 +52,4 @@ def test_notebook_runs_at_its_tiny_setting(path, tmp_path, monkeypatch):
         for output in cell.get("outputs", [])
     )
     if path.stem == "02_greedy_dib_cifar10":
-        assert "8 device(s)" in printed
+        assert f"{devices} device(s)" in printed

@@ -6,6 +6,7 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -151,28 +152,56 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
     # The stage sizes are checked before any parameter is initialised, which is slow for the full-size networks.
     sizes = stage_sizes(config)
 
-    arch = architecture_for(name, width, batchnorm=batchnorm, dtype=dtype, rngs=rngs)
+    def construct(rngs: nnx.Rngs) -> StagedModel:
+        arch = architecture_for(name, width, batchnorm=batchnorm, dtype=dtype, rngs=rngs)
 
-    stages, heads, stage_units, unit_layers, start = [], [], [], [], 0
-    for size in sizes:
-        units = arch.units[start : start + size]
-        start += size
-        stages.append(Chain([layer for unit in units for layer in unit.layers]))
-        stage_units.append(tuple(unit.name for unit in units))
-        unit_layers.append(tuple(len(unit.layers) for unit in units))
-        out_features = units[-1].out_features
-        if head == "linear":
-            heads.append(LinearHead(out_features, num_classes, dtype=dtype, rngs=rngs))
-        else:
-            heads.append(
-                ConvHead(
-                    out_features,
-                    num_classes,
-                    width=head_width,
-                    hidden=head_hidden,
-                    batchnorm=batchnorm,
-                    dtype=dtype,
-                    rngs=rngs,
+        stages, heads, stage_units, unit_layers, start = [], [], [], [], 0
+        for size in sizes:
+            units = arch.units[start : start + size]
+            start += size
+            stages.append(Chain([layer for unit in units for layer in unit.layers]))
+            stage_units.append(tuple(unit.name for unit in units))
+            unit_layers.append(tuple(len(unit.layers) for unit in units))
+            out_features = units[-1].out_features
+            if head == "linear":
+                heads.append(LinearHead(out_features, num_classes, dtype=dtype, rngs=rngs))
+            else:
+                heads.append(
+                    ConvHead(
+                        out_features,
+                        num_classes,
+                        width=head_width,
+                        hidden=head_hidden,
+                        batchnorm=batchnorm,
+                        dtype=dtype,
+                        rngs=rngs,
+                    )
                 )
-            )
-    return StagedModel(stages, heads, stage_units=stage_units, unit_layers=unit_layers)
+        return StagedModel(stages, heads, stage_units=stage_units, unit_layers=unit_layers)
+
+    # Initialised as one program compiled without LLVM's optimisations: built eagerly, every initialiser of every
+    # distinct shape is compiled on its own, and XLA:CPU takes about a second for each truncated normal. The
+    # program of each architecture is kept for the process, so building it again runs it at once.
+    rngs_def, rngs_state = nnx.split(rngs)
+    leaves = jax.tree.leaves(rngs_state)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return construct(rngs)  # inside a transformation (nnx.eval_shape, jit): traced there
+    key = (name, tuple(sizes), head, width, batchnorm, head_width, head_hidden, str(dtype), num_classes, rngs_def)
+    key += tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves)
+    if key not in _INITIALISERS:
+        model_def, _ = nnx.split(nnx.eval_shape(lambda state: construct(nnx.merge(rngs_def, state)), rngs_state))
+
+        def initial_states(rngs_state):
+            streams = nnx.merge(rngs_def, rngs_state)
+            return nnx.state(construct(streams)), nnx.state(streams)
+
+        lowered = jax.jit(initial_states).lower(rngs_state)
+        _INITIALISERS[key] = model_def, lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+    model_def, initialise = _INITIALISERS[key]
+    model_state, rngs_after = initialise(rngs_state)
+    nnx.update(rngs, rngs_after)
+    return nnx.merge(model_def, model_state)
+
+
+# Compiled initialisers of the architectures built so far in this process, by architecture and random streams.
+_INITIALISERS: dict[tuple, tuple[Any, jax.stages.Compiled]] = {}
