@@ -1,10 +1,26 @@
 """Helpers for tests that train: the smoke configuration on the ``tiny_data`` fixture's data set."""
 
 import pathlib
+import sys
 
 from dibjax import config_lib, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "dibjax.main"]
+
+
+def smoke_args(data_dir, workdir, *extra, eval_batch_size=16):
+    """Command-line arguments of ``configs/cifar10.py:smoke,sgd`` on the tiny npz data set, then ``extra``."""
+    return [
+        "--config=configs/cifar10.py:smoke,sgd",
+        f"--workdir={workdir}",
+        "--config.data.source=npz",
+        f"--config.data.dir={data_dir}",
+        "--config.data.image_size=16",
+        "--config.train.batch_size=16",
+        f"--config.train.eval_batch_size={eval_batch_size}",
+        *extra,
+    ]
 
 
 def smoke_config(data_dir, method="sgd", **overrides):

@@ -7,7 +7,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -15,27 +14,14 @@ import numpy as np
 import pytest
 
 from dibjax import config_lib, distributed, errors, train
-from tests.runs import ROOT, smoke_config
+from tests.runs import CLI, ROOT, smoke_args, smoke_config
 
 EPOCHS = 4
 
 
 def _args(data_dir, workdir, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "dibjax.main",
-        "--config=configs/cifar10.py:smoke,sgd",
-        f"--workdir={workdir}",
-        "--config.data.source=npz",
-        f"--config.data.dir={data_dir}",
-        "--config.data.image_size=16",
-        "--config.train.batch_size=16",
-        # Not a multiple of 4 devices: evaluation rounds it up to 12.
-        "--config.train.eval_batch_size=10",
-        f"--config.train.num_epochs={EPOCHS}",
-        *extra,
-    ]
+    # An evaluation batch that is not a multiple of 4 devices: evaluation rounds it up to 12.
+    return [*CLI, *smoke_args(data_dir, workdir, f"--config.train.num_epochs={EPOCHS}", *extra, eval_batch_size=10)]
 
 
 def _env(devices):

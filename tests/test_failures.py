@@ -16,22 +16,7 @@ import pytest
 from flax import nnx
 
 from dibjax import checkpoints, config_lib, data, errors, models, streams, train, trainer
-from tests.runs import ROOT, smoke_config, stop_at_evaluation
-
-CLI = [sys.executable, "-m", "dibjax.main"]
-
-
-def smoke_args(data_dir, workdir, *extra):
-    return [
-        "--config=configs/cifar10.py:smoke,sgd",
-        f"--workdir={workdir}",
-        "--config.data.source=npz",
-        f"--config.data.dir={data_dir}",
-        "--config.data.image_size=16",
-        "--config.train.batch_size=16",
-        "--config.train.eval_batch_size=16",
-        *extra,
-    ]
+from tests.runs import CLI, ROOT, smoke_args, smoke_config, stop_at_evaluation
 
 
 def run_cli(args, env=None):
