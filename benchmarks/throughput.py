@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dibjax import config_lib, data, models, optim, streams, trainer
+from dibjax import config_lib, data, host_memory, models, optim, streams, trainer
 
 WIDTHS = {"small_cnn": 32, "vgg11": 64}
 
@@ -100,7 +100,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--host-memory",
+        choices=("keep", "release"),
+        default="keep",
+        help="keep freed host memory in the process, as `python -m dibjax.main` does on CPU (dibjax.host_memory), "
+        "or leave glibc's malloc as it is",
+    )
     args = parser.parse_args()
+    if args.host_memory == "keep":
+        host_memory.keep_freed_memory()
 
     path = os.path.join(args.data, "train.npz")
     if os.path.exists(path):
@@ -115,7 +124,7 @@ def main() -> None:
     print(
         f"throughput benchmark: JAX {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores, "
         f"{jax.device_count()} device(s); data: {source}; batch {args.batch_size}; {args.steps} steps x {args.rounds} "
-        "rounds"
+        f"rounds; freed host memory: {args.host_memory}"
     )
     print()
     print("| model | hand-written NNX loop (img/s) | dibjax train step (img/s) | dibjax / hand-written |")
