@@ -1,13 +1,17 @@
-"""A short accelerator check: VGG-11 trained with ``sgd`` and with ``greedy_dib`` on a CIFAR-10 subset.
+"""A short accelerator check: VGG-11 and ResNet-18 trained with ``sgd`` and ``greedy_dib`` on a CIFAR-10 subset.
 
     python -m benchmarks.gpu_check --make-subset ../shared/data/cifar10 --out data-subset/cifar10   # on the host
     python -m benchmarks.gpu_check --data data-subset/cifar10                                       # on the device
 
 The first command writes a class-balanced subset (``--train`` and ``--test`` images, default 8,000 and 2,000) in
-the npz layout, small enough to travel with a working tree. The second trains VGG-11 end to end for ``--epochs``
-epochs and greedily for ``--stage-epochs`` epochs per stage, and prints for each: test accuracy, training
-images/s (the mean over epochs after the first, which includes compilation), wall time, the compiled peak memory
-of the training step and the device's own peak from ``jax.devices()[0].memory_stats()`` where it reports one.
+the npz layout, small enough to travel with a working tree. The second trains each of ``--models`` with the
+full-size recipe (``full``, warm-up included) end to end for ``--epochs`` epochs and greedily for
+``--stage-epochs`` epochs per stage, and prints for each: the test accuracy after every epoch (after every stage
+for ``greedy_dib``), training images/s (the mean over epochs after the first, which includes compilation), wall
+time, the compiled peak memory of the training step and the device's own peak from
+``jax.devices()[0].memory_stats()`` where it reports one. Then, per model, ``benchmarks.objective_cost`` times a
+``dib`` stage step against a ``ce`` step of the same stage (stages 1, 4 and 8). ``--width`` narrows the networks
+for a dry run on CPU.
 """
 
 from __future__ import annotations
@@ -38,8 +42,13 @@ def make_subset(source: str, out: str, train_size: int, test_size: int) -> None:
         print(f"{out_path / split}.npz: {len(keep)} images")
 
 
-def run(method: str, data_dir: str, epochs: int, workdir: pathlib.Path) -> dict:
-    config = config_lib.get_config("cifar10", method)
+WIDTHS = {"vgg11": 64, "resnet18": 64}
+
+
+def run(model: str, width: int, method: str, data_dir: str, epochs: int, workdir: pathlib.Path) -> dict:
+    config = config_lib.get_config("cifar10", f"full,{method}")
+    config.model.name = model
+    config.model.width = width
     config.data.source = "npz"
     config.data.dir = data_dir
     config.train.num_epochs = epochs
@@ -48,8 +57,14 @@ def run(method: str, data_dir: str, epochs: int, workdir: pathlib.Path) -> dict:
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["images_per_second"] for r in records if r["phase_epoch"] > 1] or [records[-1]["images_per_second"]]
     stats = jax.devices()[0].memory_stats() or {}
+    by_stage = {r["stage"]: r for r in records}  # greedy: the last record of each stage
+    curve = (
+        [r["test_accuracy"] for r in records] if method == "sgd" else [r["test_accuracy"] for r in by_stage.values()]
+    )
     return {
+        "model": model,
         "method": method,
+        "accuracy_curve": curve,
         "test_accuracy": summary["test_accuracy"],
         "images_per_second": float(np.mean(speeds)),
         "wall_seconds": summary["wall_seconds"],
@@ -65,6 +80,9 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=8000)
     parser.add_argument("--test", type=int, default=2000)
     parser.add_argument("--data", help="npz folder to train on")
+    parser.add_argument("--models", default="vgg11,resnet18")
+    parser.add_argument("--width", type=int, help="narrow every network to this width (a dry run on CPU)")
+    parser.add_argument("--model", help="with --method: the network (used internally)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of the sgd run")
     parser.add_argument("--stage-epochs", type=int, default=2, help="epochs of every greedy stage")
     parser.add_argument("--method", help="run this method alone and print its JSON line (used internally)")
@@ -78,39 +96,46 @@ def main() -> None:
 
     if args.method:
         epochs = args.epochs if args.method == "sgd" else args.stage_epochs
-        print(json.dumps(run(args.method, args.data, epochs, pathlib.Path(args.workdir))))
+        width = args.width or WIDTHS[args.model]
+        print(json.dumps(run(args.model, width, args.method, args.data, epochs, pathlib.Path(args.workdir))))
         return
 
     print(f"JAX {jax.__version__}, {jax.device_count()} × {jax.devices()[0].device_kind}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         # One process per method: the device's peak-memory counter cannot be reset within a process.
-        for method in ("sgd", "greedy_dib"):
-            command = [
-                sys.executable,
-                "-m",
-                "benchmarks.gpu_check",
-                "--data",
-                args.data,
-                "--method",
-                method,
-                "--workdir",
-                f"{tmp}/{method}",
-            ]
-            command += ["--epochs", str(args.epochs), "--stage-epochs", str(args.stage_epochs)]
-            out = subprocess.run(command, capture_output=True, text=True, check=False)
-            if out.returncode:
-                sys.exit(f"{method} failed:\n{out.stderr[-3000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
-    print("\n| method | test accuracy | images/s | wall (s) | compiled step (MiB) | device peak (MiB) |")
-    print("|---|---:|---:|---:|---:|---:|")
+        for model in args.models.split(","):
+            for method in ("sgd", "greedy_dib"):
+                command = [sys.executable, "-m", "benchmarks.gpu_check", "--data", args.data, "--model", model]
+                command += ["--method", method, "--workdir", f"{tmp}/{model}-{method}"]
+                command += ["--epochs", str(args.epochs), "--stage-epochs", str(args.stage_epochs)]
+                command += ["--width", str(args.width)] if args.width else []
+                out = subprocess.run(command, capture_output=True, text=True, check=False)
+                if out.returncode:
+                    sys.exit(f"{model} {method} failed:\n{out.stderr[-3000:]}")
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(json.dumps(rows[-1]), flush=True)
+    print(
+        "\n| model | method | test accuracy | per epoch (stage) | images/s | wall (s) | compiled step (MiB) | "
+        "device peak (MiB) |"
+    )
+    print("|---|---|---:|---|---:|---:|---:|---:|")
     for r in rows:
         device_peak = f"{r['device_peak_bytes'] / 2**20:.0f}" if r["device_peak_bytes"] else "—"
+        curve = " ".join(f"{100 * a:.1f}" for a in r["accuracy_curve"])
         print(
-            f"| {r['method']} | {100 * r['test_accuracy']:.2f}% | {r['images_per_second']:.0f} | "
-            f"{r['wall_seconds']:.0f} | {r['compiled_step_bytes'] / 2**20:.0f} | {device_peak} |"
+            f"| {r['model']} | {r['method']} | {100 * r['test_accuracy']:.2f}% | {curve} | "
+            f"{r['images_per_second']:.0f} | {r['wall_seconds']:.0f} | {r['compiled_step_bytes'] / 2**20:.0f} | "
+            f"{device_peak} |",
+            flush=True,
         )
+    for model in args.models.split(","):
+        width = args.width or WIDTHS[model]
+        command = [sys.executable, "-m", "benchmarks.objective_cost", "--model", model, "--width", str(width)]
+        command += ["--stages", "0", "3", "7"]  # the first, a middle and the last of the 8 stages
+        out = subprocess.run(command, capture_output=True, text=True, check=False)
+        print(f"\n{model}: a dib stage step against a ce step of the same stage\n", flush=True)
+        print(out.stdout if not out.returncode else f"failed:\n{out.stderr[-3000:]}", flush=True)
 
 
 if __name__ == "__main__":

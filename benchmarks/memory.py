@@ -15,6 +15,7 @@ accelerators run (on CPU dibjax trains with a patches × kernel form whose 9× l
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +37,10 @@ def phase_peaks(method: str, model: str, batch: int) -> list[int]:
         "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
     }
     peaks = []
-    for step in run_trainer.train_steps:
+    for index, step in enumerate(run_trainer.train_steps):
+        totals = jax.eval_shape(functools.partial(run_trainer.zero_totals, index), state, sample)
         with models.native_convolutions():
-            compiled = step.lower(state, sample).compile()
+            compiled = step.lower(state, totals, sample).compile()
         peaks.append(run_trainer.peak_memory_bytes(compiled))
     return peaks
 
