@@ -98,8 +98,9 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     config.model.head = "linear"
     config.model.width = 0  # 0: the network's published width
     config.model.batchnorm = True
-    config.model.head_width = 128
+    config.model.head_width = 128  # conv head: 0 gives each head as many channels as its stage
     config.model.head_hidden = 0
+    config.model.head_pool = 0  # conv head: pool larger maps to this size before its convolution; 0: never
     config.model.dtype = "float32"  # or "bfloat16": mixed precision, float32 parameters
 
     config.method = method

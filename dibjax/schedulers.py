@@ -159,6 +159,33 @@ class FunctionalModel:
         y = module(x)
         return y, nnx.state(module, nnx.Not(nnx.Param)) if train else batch_stats[kind][k]
 
+    def _stage_unit_outputs(self, k: int, params: dict, batch_stats: dict, x: jax.Array, *, materialized: bool):
+        """The output of each unit of stage ``k`` in inference mode, in order; each unit reads the previous output,
+        written to its own buffer first when ``materialized`` (:func:`dibjax.models.materialize`).
+
+        A stage that is not a :class:`~dibjax.models.layers.Chain` counts as one unit.
+        """
+        stage = nnx.merge(self.eval_defs["stages"][k], params["stages"][k], batch_stats["stages"][k], copy=True)
+        layers = getattr(stage, "layers", None)
+        units = [[stage]] if layers is None else []
+        start = 0
+        for count in self.unit_layers[k] if layers is not None else ():
+            units.append(layers[start : start + count])
+            start += count
+        outputs, h = [], x
+        for unit in units:
+            for layer in unit:
+                h = layer(h)
+            if materialized:
+                h = models.materialize(h)
+            outputs.append(h)
+        return outputs
+
+    def frozen_forward(self, k: int, params: dict, batch_stats: dict, x: jax.Array) -> jax.Array:
+        """Stage ``k`` run forward in inference mode as a frozen stage: each unit's output is materialized, so that
+        the memory of a frozen prefix does not grow with its depth (:func:`dibjax.models.materialize`)."""
+        return self._stage_unit_outputs(k, params, batch_stats, x, materialized=True)[-1]
+
     def unit_outputs(self, params: dict, batch_stats: dict, x: jax.Array) -> list[jax.Array]:
         """The output of every unit of every stage on ``x``, in order, all modules in inference mode.
 
@@ -167,18 +194,8 @@ class FunctionalModel:
         outputs, h = [], x
         with models.native_convolutions():
             for k in range(self.num_stages):
-                stage = nnx.merge(self.eval_defs["stages"][k], params["stages"][k], batch_stats["stages"][k], copy=True)
-                layers = getattr(stage, "layers", None)
-                if layers is None:
-                    h = stage(h)
-                    outputs.append(h)
-                    continue
-                start = 0
-                for count in self.unit_layers[k]:
-                    for layer in layers[start : start + count]:
-                        h = layer(h)
-                    start += count
-                    outputs.append(h)
+                outputs += self._stage_unit_outputs(k, params, batch_stats, h, materialized=False)
+                h = outputs[-1]
         return outputs
 
     def unit_norms(self, k: int, stage_tree) -> list[jax.Array]:
@@ -236,7 +253,7 @@ def phase_loss(
         # The frozen stages only run forward: the native convolution is the faster one there.
         with models.native_convolutions():
             for j in range(k):
-                h, _ = net.apply("stages", j, params, batch_stats, h, train=False)
+                h = net.frozen_forward(j, params, batch_stats, h)
         h = jax.lax.stop_gradient(h)
         t, new_batch_stats["stages"][k] = net.apply("stages", k, params, batch_stats, h, train=True)
         total = stage_objective(k, t, h)

@@ -7,6 +7,11 @@ import jax
 import numpy as np
 import pytest
 
+from dibjax import host_memory
+
+# As `python -m dibjax.main` does on CPU: steps reuse the host memory the previous step freed.
+host_memory.keep_freed_memory()
+
 # One persistent compilation cache for the session and the processes it starts (they inherit the environment):
 # the tests build the same tiny models and steps many times, and XLA:CPU's compilations dominate their time.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

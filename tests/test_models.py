@@ -24,6 +24,7 @@ EXPECTED_STAGES = {
     "resnet20": (9, 9),
     "resnet32": (15, 15),
     "resnet56": (27, 27),
+    "resnet110": (54, 54),
 }
 
 
@@ -148,10 +149,11 @@ def test_groups_stage_sizes():
 @pytest.mark.parametrize(
     ("name", "backbone_params"),
     [
-        # He et al. (2016), Table 6: 0.27M and 0.85M; the 18-layer network and VGG-11/16 with BatchNorm and the
+        # He et al. (2016), Table 6: 0.27M, 0.85M and 1.7M; the 18-layer network and VGG-11/16 with BatchNorm and the
         # single linear classifier of the usual CIFAR versions (no convolution biases, as BatchNorm follows).
         ("resnet20", 269_722),
         ("resnet56", 853_018),
+        ("resnet110", 1_727_962),  # 464 stem + 84,096 + 329,472 + 1,313,280 in the groups + 650 classifier
         ("resnet18", 11_173_962),
         ("vgg11", 9_228_362),
         ("vgg16", 14_724_042),
@@ -213,6 +215,22 @@ def test_conv_head(name, head_hidden):
     logits = model(images())
     assert logits.shape == (BATCH, NUM_CLASSES)
     assert np.all(np.isfinite(logits))
+
+
+def test_conv_head_sized_to_its_stage():
+    model = M.build_model(config(name="small_cnn", head="conv", head_width=0), NUM_CLASSES, rngs())
+    stage_channels = [WIDTH * m for m in (1, 2, 4, 8)]
+    assert [h.conv.out_features for h in model.heads] == stage_channels
+    assert [h.conv.in_features for h in model.heads] == stage_channels
+
+
+def test_conv_head_pools_large_maps_before_its_convolution():
+    t = jax.random.normal(jax.random.key(1), (BATCH, 16, 16, 6))
+    pooled = M.ConvHead(6, NUM_CLASSES, width=5, pool=4, rngs=rngs())
+    plain = M.ConvHead(6, NUM_CLASSES, width=5, pool=0, rngs=rngs())  # the same parameters
+    np.testing.assert_allclose(pooled(t), plain(t.reshape(BATCH, 4, 4, 4, 4, 6).mean(axis=(2, 4))), rtol=1e-5)
+    small = t[:, :4, :4]  # no larger than the pool: left as it is
+    np.testing.assert_array_equal(pooled(small), plain(small))
 
 
 def test_linear_head_is_default():
@@ -320,6 +338,8 @@ def test_split_merge_jax_jit():
         ({"name": "small_cnn", "width": 2.5}, "2.5", "int"),
         ({"name": "small_cnn", "batchnorm": "yes"}, "'yes'", "True or False"),
         ({"name": "small_cnn", "head": "conv", "head_hidden": -1}, "-1", ">= 0"),
+        ({"name": "small_cnn", "head": "conv", "head_pool": -2}, "-2", ">= 0"),
+        ({"name": "small_cnn", "head": "conv", "head_width": -1}, "-1", ">= 0"),
     ],
 )
 def test_bad_config_raises(fields, bad, accepted):
@@ -396,3 +416,11 @@ def test_bfloat16_compute_keeps_float32_parameters_and_tracks_float32_outputs():
     np.testing.assert_allclose(np.asarray(logits16, np.float32), logits32, atol=0.05 * scale)
     with pytest.raises(ValueError, match="unknown dtype 'float16'"):
         M.build_model(config(dtype="float16", **fields), NUM_CLASSES, rngs())
+
+
+def test_materialize_is_the_identity():
+    x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+    np.testing.assert_array_equal(jax.jit(M.materialize)(x), x)
+    np.testing.assert_array_equal(M.materialize(x), x)
+    poisoned = x.at[0, 0, 0, 0].set(jnp.nan)
+    assert np.all(np.isnan(jax.jit(M.materialize)(poisoned)))  # the documented NaN branch, on CPU

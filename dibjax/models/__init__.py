@@ -20,6 +20,7 @@ from dibjax.models.layers import (
     ConvUnit,
     LinearHead,
     adaptive_avg_pool,
+    materialize,
     native_convolutions,
 )
 from dibjax.models.staged import StagedModel, count_params, split_evenly
@@ -40,6 +41,7 @@ __all__ = [
     "architecture_for",
     "build_model",
     "count_params",
+    "materialize",
     "native_convolutions",
     "split_evenly",
     "stage_sizes",

@@ -85,19 +85,21 @@ RESNET_LAYOUTS = {
     "resnet20": ((3, 3, 3), "A"),
     "resnet32": ((5, 5, 5), "A"),
     "resnet56": ((9, 9, 9), "A"),
+    "resnet110": ((18, 18, 18), "A"),
 }
 
 
 def resnet(name: str, width: int, *, batchnorm: bool, dtype=None, rngs: nnx.Rngs) -> Architecture:
     """Residual networks of He et al., "Deep Residual Learning for Image Recognition", CVPR 2016.
 
-    ``resnet20``/``resnet32``/``resnet56`` are the CIFAR-10 networks of Section 4.2: a 3×3 stem convolution with
-    ``width`` (16) channels, then three groups of n = 3, 5, 9 basic blocks with ``width, 2 width, 4 width`` channels
-    at 32×32, 16×16 and 8×8 (the first block of the second and third groups has stride 2), 6n + 2 layers in all,
-    with parameter-free option-A shortcuts. ``resnet18`` is the 18-layer network of Table 1 (basic blocks
-    2, 2, 2, 2 with ``width, 2, 4, 8 × width`` channels, option-B projection shortcuts) with the usual CIFAR stem:
-    one 3×3 convolution with stride 1 and no max-pool in place of the 7×7 stride-2 convolution and max-pool. The
-    classifier (global average pooling and a linear layer) is the last stage's head when ``head="linear"``.
+    ``resnet20``/``resnet32``/``resnet56``/``resnet110`` are the CIFAR-10 networks of Section 4.2: a 3×3 stem
+    convolution with ``width`` (16) channels, then three groups of n = 3, 5, 9, 18 basic blocks with ``width,
+    2 width, 4 width`` channels at 32×32, 16×16 and 8×8 (the first block of the second and third groups has stride
+    2), 6n + 2 layers in all, with parameter-free option-A shortcuts. ``resnet18`` is the 18-layer network of
+    Table 1 (basic blocks 2, 2, 2, 2 with ``width, 2, 4, 8 × width`` channels, option-B projection shortcuts) with
+    the usual CIFAR stem: one 3×3 convolution with stride 1 and no max-pool in place of the 7×7 stride-2 convolution
+    and max-pool. The classifier (global average pooling and a linear layer) is the last stage's head when
+    ``head="linear"``.
 
     A residual block is the smallest unit that keeps its skip connection intact, so every residual block is one
     unit and one block (``split="layer"`` and ``split="block"`` coincide); the stem convolution is part of the

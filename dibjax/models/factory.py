@@ -15,7 +15,7 @@ from dibjax.models import architectures
 from dibjax.models.layers import Chain, ConvHead, LinearHead
 from dibjax.models.staged import StagedModel, split_evenly
 
-MODELS = ("small_cnn", "vgg11", "vgg13", "vgg16", "resnet18", "resnet20", "resnet32", "resnet56")
+MODELS = ("small_cnn", "vgg11", "vgg13", "vgg16", "resnet18", "resnet20", "resnet32", "resnet56", "resnet110")
 SPLITS = ("layer", "block", "groups")
 HEADS = ("linear", "conv")
 # Dtypes the layers may compute in; the parameters are float32 whatever this is.
@@ -31,6 +31,7 @@ DEFAULT_WIDTHS = {
     "resnet20": 16,
     "resnet32": 16,
     "resnet56": 16,
+    "resnet110": 16,
 }
 
 # Fields that may be left out of the configuration, with the values they then take. `width=None` means the
@@ -43,6 +44,7 @@ DEFAULTS = {
     "batchnorm": True,
     "head_width": 128,
     "head_hidden": 0,
+    "head_pool": 0,
     "dtype": "float32",
 }
 
@@ -119,7 +121,10 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
           value when ``None``: :data:`DEFAULT_WIDTHS`.
         - ``batchnorm`` (``True``): ``False`` builds the same network, heads included, with no normalisation
           layers and with biases on the convolutions.
-        - ``head_width`` (128) and ``head_hidden`` (0): sizes of the ``"conv"`` head.
+        - ``head_width`` (128), ``head_hidden`` (0) and ``head_pool`` (0): sizes of the ``"conv"`` head: the channels
+          of its convolution (0: as many as the stage's output, so the head grows with the stage), the units of its
+          hidden layer (0: none) and the largest map it convolves (0: the stage's own; 8: stages with larger maps
+          are average-pooled to 8×8 first).
         - ``dtype`` (``"float32"``): the dtype the layers compute in, one of :data:`COMPUTE_DTYPES`. With
           ``"bfloat16"`` (mixed precision) convolutions and matmuls take bfloat16 operands and accumulate in
           float32, while the parameters, BatchNorm's statistics and the optimizer stay float32; stage outputs and
@@ -142,8 +147,9 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
     batchnorm = _field(config, "batchnorm")
     if not isinstance(batchnorm, bool):
         raise ConfigError(f"batchnorm must be True or False, got {batchnorm!r}")
-    head_width = _check_int("head_width", _field(config, "head_width"), 1)
+    head_width = _check_int("head_width", _field(config, "head_width"), 0)
     head_hidden = _check_int("head_hidden", _field(config, "head_hidden"), 0)
+    head_pool = _check_int("head_pool", _field(config, "head_pool"), 0)
     dtype = jnp.dtype(_check_choice("dtype", _field(config, "dtype"), COMPUTE_DTYPES))
     num_classes = _check_int("num_classes", num_classes, 1)
     if isinstance(rngs, int):
@@ -170,8 +176,9 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
                     ConvHead(
                         out_features,
                         num_classes,
-                        width=head_width,
+                        width=head_width or out_features,
                         hidden=head_hidden,
+                        pool=head_pool,
                         batchnorm=batchnorm,
                         dtype=dtype,
                         rngs=rngs,
@@ -186,7 +193,8 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
     leaves = jax.tree.leaves(rngs_state)
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         return construct(rngs)  # inside a transformation (nnx.eval_shape, jit): traced there
-    key = (name, tuple(sizes), head, width, batchnorm, head_width, head_hidden, str(dtype), num_classes, rngs_def)
+    key = (name, tuple(sizes), head, width, batchnorm, head_width, head_hidden, head_pool, str(dtype), num_classes)
+    key += (rngs_def,)
     key += tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves)
     if key not in _INITIALISERS:
         model_def, _ = nnx.split(nnx.eval_shape(lambda state: construct(nnx.merge(rngs_def, state)), rngs_state))

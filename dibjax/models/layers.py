@@ -81,6 +81,26 @@ def native_convolutions() -> Iterator[None]:
         _trace_options.native_convolutions = previous
 
 
+def materialize(x: jax.Array) -> jax.Array:
+    """``x`` itself, written to a buffer of its own that later operations read instead of recomputing it.
+
+    XLA fuses a cheap elementwise producer into each of its consumers and recomputes it there. Down a chain of
+    residual blocks run forward only (the frozen stages of greedy training), a block's output is BatchNorm's affine
+    map, the shortcut's sum and a ReLU of its convolution: fused into the next block's sum, then into the one after,
+    so the last block's sum recomputes the whole chain and every earlier convolution's output stays alive, and the
+    memory of a frozen prefix grows with its depth. A boundary no fusion crosses keeps it flat: an optimization
+    barrier on accelerators, where XLA keeps barriers until after fusion; on CPU, where XLA removes them before
+    fusing, a conditional. Its predicate is read from ``x`` at run time so that it cannot be folded; the other
+    branch, taken only when ``x``'s first element is NaN, returns NaN everywhere (a prefix output with a NaN gives
+    a non-finite loss either way) and differs from the first so that XLA does not merge the two.
+    """
+
+    def on_cpu(x):
+        return jax.lax.cond(jnp.isnan(x.ravel()[0]), lambda v: jnp.full_like(v, jnp.nan), lambda v: v, x)
+
+    return jax.lax.platform_dependent(x, cpu=on_cpu, default=jax.lax.optimization_barrier)
+
+
 def conv_general_dilated(
     lhs,
     rhs,
@@ -292,12 +312,18 @@ class LinearHead(nnx.Module):
 class ConvHead(nnx.Module):
     """A small convolutional auxiliary classifier, modelled on those of the greedy layer-wise literature.
 
-    Conv 3×3 (``width`` channels) → BatchNorm → ReLU → adaptive average pool to 2×2 → flatten → [Linear(``hidden``)
-    → ReLU] → Linear(``num_classes``); the bracketed hidden layer is present only when ``hidden > 0``. Belilovsky,
-    Eickenberg & Oyallon (2019, "Greedy Layerwise Learning Can Scale to ImageNet"; 2020, "Decoupled Greedy Learning
-    of CNNs") use auxiliary networks of this shape: a few convolutions, spatial averaging to 2×2 and a small MLP. A
-    head with its own convolution lets a stage's representation be judged by more than its linear separability,
-    which a linear head on an early, low-level stage would understate.
+    [adaptive average pool to at most ``pool``×``pool``] → conv 3×3 (``width`` channels) → BatchNorm → ReLU →
+    adaptive average pool to 2×2 → flatten → [Linear(``hidden``) → ReLU] → Linear(``num_classes``); the first
+    bracket applies only when ``pool > 0`` and the stage's map is larger, the second only when ``hidden > 0``.
+    Belilovsky, Eickenberg & Oyallon (2019, "Greedy Layerwise Learning Can Scale to ImageNet"; 2020, "Decoupled
+    Greedy Learning of CNNs") use auxiliary networks of this shape: a few convolutions, spatial averaging to 2×2 and
+    a small MLP, the convolutions as wide as the stage. A head with its own convolution lets a stage's
+    representation be judged by more than its linear separability, which a linear head on an early, low-level stage
+    would understate.
+
+    The head's activations, not the stage's, set a greedy step's memory when the head is wider than the stage or
+    works at the stage's full resolution: ``width`` equal to the stage's channels and a ``pool`` of 8 or less keep
+    them no larger than the stage's own.
     """
 
     def __init__(
@@ -307,16 +333,20 @@ class ConvHead(nnx.Module):
         *,
         width: int = 128,
         hidden: int = 0,
+        pool: int = 0,
         batchnorm: bool = True,
         dtype=None,
         rngs: nnx.Rngs,
     ):
+        self.pool = pool
         self.conv = conv3x3(in_features, width, use_bias=not batchnorm, dtype=dtype, rngs=rngs)
         self.bn = batch_norm(width, rngs, dtype) if batchnorm else None
         self.hidden = nnx.Linear(4 * width, hidden, dtype=dtype, rngs=rngs) if hidden > 0 else None
         self.linear = nnx.Linear(hidden if hidden > 0 else 4 * width, num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, t: jax.Array) -> jax.Array:
+        if self.pool and (t.shape[1] > self.pool or t.shape[2] > self.pool):
+            t = adaptive_avg_pool(t, (min(t.shape[1], self.pool), min(t.shape[2], self.pool)))
         y = self.conv(t)
         if self.bn is not None:
             y = self.bn(y)
