@@ -172,12 +172,14 @@ class FunctionalModel:
         for count in self.unit_layers[k] if layers is not None else ():
             units.append(layers[start : start + count])
             start += count
+        # A frozen parameter guards the materialization: replicated, it is read without a collective.
+        guard = jax.tree.leaves(params["stages"][k])[0] if materialized else None
         outputs, h = [], x
         for unit in units:
             for layer in unit:
                 h = layer(h)
             if materialized:
-                h = models.materialize(h)
+                h = models.materialize(h, guard)
             outputs.append(h)
         return outputs
 

@@ -422,5 +422,7 @@ def test_materialize_is_the_identity():
     x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
     np.testing.assert_array_equal(jax.jit(M.materialize)(x), x)
     np.testing.assert_array_equal(M.materialize(x), x)
+    np.testing.assert_array_equal(jax.jit(M.materialize)(x, jnp.ones(3)), x)
     poisoned = x.at[0, 0, 0, 0].set(jnp.nan)
     assert np.all(np.isnan(jax.jit(M.materialize)(poisoned)))  # the documented NaN branch, on CPU
+    assert np.all(np.isnan(jax.jit(M.materialize)(x, jnp.full(3, jnp.nan))))

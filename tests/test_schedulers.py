@@ -217,7 +217,7 @@ def frozen_prefix_peaks(monkeypatch, materialized: bool) -> list[int]:
     """Compiled memory of the sequential steps of ResNet-32's first-group blocks 2-5 (identical blocks, one per
     stage, linear heads): each step runs 1-4 frozen blocks before the trained one."""
     if not materialized:
-        monkeypatch.setattr(models, "materialize", lambda x: x)
+        monkeypatch.setattr(models, "materialize", lambda x, guard=None: x)
     config = {"name": "resnet32", "width": 4, "split": "block", "head": "linear"}
     net = schedulers.FunctionalModel(models.build_model(config, 5, nnx.Rngs(0, params=jax.random.key(0, impl="rbg"))))
     optimizer = optax.sgd(0.1)

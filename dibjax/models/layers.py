@@ -81,7 +81,7 @@ def native_convolutions() -> Iterator[None]:
         _trace_options.native_convolutions = previous
 
 
-def materialize(x: jax.Array) -> jax.Array:
+def materialize(x: jax.Array, guard: jax.Array | None = None) -> jax.Array:
     """``x`` itself, written to a buffer of its own that later operations read instead of recomputing it.
 
     XLA fuses a cheap elementwise producer into each of its consumers and recomputes it there. Down a chain of
@@ -90,15 +90,17 @@ def materialize(x: jax.Array) -> jax.Array:
     so the last block's sum recomputes the whole chain and every earlier convolution's output stays alive, and the
     memory of a frozen prefix grows with its depth. A boundary no fusion crosses keeps it flat: an optimization
     barrier on accelerators, where XLA keeps barriers until after fusion; on CPU, where XLA removes them before
-    fusing, a conditional. Its predicate is read from ``x`` at run time so that it cannot be folded; the other
-    branch, taken only when ``x``'s first element is NaN, returns NaN everywhere (a prefix output with a NaN gives
-    a non-finite loss either way) and differs from the first so that XLA does not merge the two.
+    fusing, a conditional. Its predicate must be read at run time, or XLA folds it: it is whether ``guard`` (by
+    default ``x``'s first element) is NaN, and the branch taken then returns NaN everywhere; it only differs from
+    the other so that XLA does not merge the two. Pass a replicated ``guard`` (a parameter) when ``x`` is sharded:
+    reading an element of a sharded array costs a collective.
     """
+    guard = x.ravel()[0] if guard is None else guard.ravel()[0]
 
-    def on_cpu(x):
-        return jax.lax.cond(jnp.isnan(x.ravel()[0]), lambda v: jnp.full_like(v, jnp.nan), lambda v: v, x)
+    def on_cpu(x, guard):
+        return jax.lax.cond(jnp.isnan(guard), lambda v: jnp.full_like(v, jnp.nan), lambda v: v, x)
 
-    return jax.lax.platform_dependent(x, cpu=on_cpu, default=jax.lax.optimization_barrier)
+    return jax.lax.platform_dependent(x, guard, cpu=on_cpu, default=lambda x, _: jax.lax.optimization_barrier(x))
 
 
 def conv_general_dilated(
