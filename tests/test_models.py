@@ -60,8 +60,12 @@ def test_models_tuple_matches_expectations():
 # ----------------------------------------------------------------------------- shapes, stages, composition
 
 
+# ResNet-110 is ResNet-56's code with twice the blocks, eagerly a minute and a half here: run with -m slow.
+COMPOSED = [pytest.param(name, marks=pytest.mark.slow) if name == "resnet110" else name for name in M.MODELS]
+
+
 @pytest.mark.parametrize("split", M.SPLITS)
-@pytest.mark.parametrize("name", M.MODELS)
+@pytest.mark.parametrize("name", COMPOSED)
 def test_stages_compose_to_the_network(name, split):
     model = shared_model(name, split)
     expected = {"layer": EXPECTED_STAGES[name][0], "block": EXPECTED_STAGES[name][1], "groups": 3}[split]
@@ -87,6 +91,16 @@ def test_stages_compose_to_the_network(name, split):
 def abstract_model(**fields):
     # eval_shape builds the model without initialising any parameter: enough to inspect its structure
     return nnx.eval_shape(lambda: M.build_model(config(**fields), NUM_CLASSES, rngs()))
+
+
+def test_resnet110_in_k_modules_balanced_by_blocks():
+    for modules in (2, 4, 8, 16):
+        blocks = list(M.stage_sizes(config(name="resnet110", split="groups", num_groups=modules)))
+        assert len(blocks) == modules and sum(blocks) == 54
+        assert max(blocks) - min(blocks) <= 1 and blocks == sorted(blocks, reverse=True)  # earlier ones take extras
+    model = abstract_model(name="resnet110", split="groups", num_groups=4)
+    assert [len(units) for units in model.stage_units] == [14, 14, 13, 13]
+    assert model.stage_units[0][0] == "stem+block1_1" and model.stage_units[-1][-1] == "block3_18"
 
 
 def test_stage_units_cover_the_network_in_order():
