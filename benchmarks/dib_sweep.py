@@ -17,6 +17,9 @@ import json
 import pathlib
 import statistics
 import sys
+from collections.abc import Callable
+
+import ml_collections
 
 from dibjax import config_lib, train
 
@@ -39,12 +42,13 @@ SETTINGS = {
 }
 
 
-def run(name: str, seed: int, args) -> dict:
-    workdir = pathlib.Path(args.workdir) / f"{args.dataset}-{name}-s{seed}"
+def validation_run(run_name: str, seed: int, args, configure: Callable[[ml_collections.ConfigDict], None]) -> dict:
+    """The summary of a ``cpu,greedy_dib`` run scored on ``args.validation`` held-out training images, changed by
+    ``configure``; a run already finished in ``args.workdir`` is read back, not rerun."""
+    workdir = pathlib.Path(args.workdir) / f"{args.dataset}-{run_name}-s{seed}"
     summary_path = workdir / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
-    objective, options = SETTINGS[name]
     config = config_lib.get_config(args.dataset, "cpu,greedy_dib")
     config.seed = seed
     config.data.source = "npz"
@@ -52,10 +56,19 @@ def run(name: str, seed: int, args) -> dict:
     config.data.validation_size = args.validation
     config.train.num_epochs = args.epochs
     config.train.progress = False
-    config.objective.name = objective
-    for key, value in options.items():
-        config.objective.dib[key] = value
+    configure(config)
     return train.train_and_evaluate(config, workdir)
+
+
+def run(name: str, seed: int, args) -> dict:
+    objective, options = SETTINGS[name]
+
+    def configure(config):
+        config.objective.name = objective
+        for key, value in options.items():
+            config.objective.dib[key] = value
+
+    return validation_run(name, seed, args, configure)
 
 
 def main() -> None:

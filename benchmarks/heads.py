@@ -16,33 +16,23 @@ patches × kernel form; ``benchmarks.memory`` gives the native-convolution figur
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import statistics
 import sys
 
+from benchmarks.dib_sweep import validation_run
 from benchmarks.memory import HEADS
-from dibjax import config_lib, train
+from dibjax import config_lib
 
 
 def run(model: str, head: str, seed: int, args) -> dict:
-    workdir = pathlib.Path(args.workdir) / f"{args.dataset}-{model}-{head}-s{seed}"
-    summary_path = workdir / "summary.json"
-    if summary_path.exists():
-        return json.loads(summary_path.read_text())
-    config = config_lib.get_config(args.dataset, "cpu,greedy_dib")
-    config.seed = seed
-    config.data.source = "npz"
-    config.data.dir = args.data
-    config.data.validation_size = args.validation
-    config.train.num_epochs = args.epochs
-    config.train.progress = False
-    config.model.name = model
-    if model != "small_cnn":
-        config.model.width = 0  # the published width
-        config.model.split = "block"
-    config.model.update(HEADS[head])
-    return train.train_and_evaluate(config, workdir)
+    def configure(config):
+        config.model.name = model
+        if model != "small_cnn":
+            config.model.width = 0  # the published width
+            config.model.split = "block"
+        config.model.update(HEADS[head])
+
+    return validation_run(f"{model}-{head}", seed, args, configure)
 
 
 def main() -> None:
