@@ -3,12 +3,14 @@
     python -m benchmarks.memory                                          # the table of docs/benchmarks.md
     python -m benchmarks.memory --networks resnet56:block --heads stage_pool8 --batches 128
 
-For each network (``model:split``, where split is ``layer``, ``block`` or ``groups=K`` for K modules) the script
+For each network (``model:split``, where split is ``layer``, ``block``, ``groups=K`` for K modules of as many
+units as can be, or ``activations=K`` for K modules balanced by their activations) the script
 builds the ``sgd`` configuration (end to end, the network's linear classifier) and the ``greedy_dib`` one (the
 sequential scheduler, the DIB objective) with each auxiliary head of ``--heads``:
 
 * ``conv128``: conv 3×3 with 128 channels at the stage's resolution → BatchNorm → ReLU → pool to 2×2 → linear;
-* ``stage``: the same with as many channels as the stage (``model.head_width=0``);
+* ``conv128_pool8``: that, after average-pooling maps larger than 8×8 to 8×8 (``model.head_pool=8``);
+* ``stage``: the conv head with as many channels as the stage (``model.head_width=0``);
 * ``stage_pool8``: that, after average-pooling maps larger than 8×8 to 8×8 (``model.head_pool=8``);
 * ``linear``: global average pooling and one linear layer (``model.head="linear"``).
 
@@ -33,6 +35,7 @@ from dibjax import config_lib, data, models, trainer
 MB = 2**20
 HEADS = {
     "conv128": {"head": "conv", "head_width": 128, "head_pool": 0},
+    "conv128_pool8": {"head": "conv", "head_width": 128, "head_pool": 8},
     "stage": {"head": "conv", "head_width": 0, "head_pool": 0},
     "stage_pool8": {"head": "conv", "head_width": 0, "head_pool": 8},
     "linear": {"head": "linear"},
@@ -44,8 +47,9 @@ NETWORKS += ["resnet110:groups=8"]
 def parse_network(spec: str) -> dict:
     name, _, split = spec.partition(":")
     fields = {"name": name, "width": 0, "split": split or "layer", "num_groups": 0}
-    if fields["split"].startswith("groups="):
-        fields["split"], fields["num_groups"] = "groups", int(fields["split"].removeprefix("groups="))
+    for split in ("groups", "activations"):
+        if fields["split"].startswith(f"{split}="):
+            fields["split"], fields["num_groups"] = split, int(fields["split"].removeprefix(f"{split}="))
     return fields
 
 
@@ -89,7 +93,8 @@ def main() -> None:
     print("|---|---|---|---:|---:|---|---:|---:|")
     for spec in args.networks:
         fields = parse_network(spec)
-        split = fields["split"] if fields["split"] != "groups" else f"K = {fields['num_groups']}"
+        split = {"groups": f"K = {fields['num_groups']}", "activations": f"K = {fields['num_groups']}, activations"}
+        split = split.get(fields["split"], fields["split"])
         for batch in args.batches:
             # End to end, the network's own classifier is the only head: one figure for every head of the table.
             (e2e,) = phase_peaks("sgd", {**fields, "split": "layer", "num_groups": 0}, batch)

@@ -64,7 +64,8 @@ def test_models_tuple_matches_expectations():
 COMPOSED = [pytest.param(name, marks=pytest.mark.slow) if name == "resnet110" else name for name in M.MODELS]
 
 
-@pytest.mark.parametrize("split", M.SPLITS)
+# split="activations" builds its stages as "groups" does, only with other cut points (covered below, abstractly).
+@pytest.mark.parametrize("split", ["layer", "block", "groups"])
 @pytest.mark.parametrize("name", COMPOSED)
 def test_stages_compose_to_the_network(name, split):
     model = shared_model(name, split)
@@ -110,6 +111,8 @@ def test_stage_units_cover_the_network_in_order():
         for split in ("block", "groups"):
             staged = shared_model(name, split).stage_units
             assert list(itertools.chain(*staged)) == list(itertools.chain(*by_layer)), (name, split)
+        staged = abstract_model(name=name, split="activations", num_groups=3).stage_units
+        assert list(itertools.chain(*staged)) == list(itertools.chain(*by_layer)), (name, "activations")
 
 
 def test_block_boundaries():
@@ -155,6 +158,71 @@ def test_groups_stage_sizes():
     assert [len(u) for u in abstract_model(name="vgg11", split="groups", num_groups=3).stage_units] == [3, 3, 2]
     assert abstract_model(name="vgg11", split="groups", num_groups=8).num_stages == 8
     assert abstract_model(name="small_cnn", split="groups", num_groups=np.int64(1)).num_stages == 1
+
+
+def test_split_balanced_is_the_best_contiguous_split():
+    # every contiguous split, enumerated: the dynamic programme must find the smallest largest group
+    generator = np.random.default_rng(0)
+    for num_units in range(1, 8):
+        for num_groups in range(1, num_units + 1):
+            sizes = generator.integers(1, 20, num_units).tolist()
+            groups = M.split_balanced(sizes, num_groups)
+            assert len(groups) == num_groups and sum(groups) == num_units and min(groups) >= 1
+            best = min(
+                max(sum(sizes[i:j]) for i, j in zip((0, *cuts), (*cuts, num_units), strict=True))
+                for cuts in itertools.combinations(range(1, num_units), num_groups - 1)
+            )
+            bounds = np.cumsum((0, *groups))
+            assert max(sum(sizes[i:j]) for i, j in itertools.pairwise(bounds)) == best, (sizes, num_groups)
+
+
+def test_split_balanced_with_equal_sizes_is_split_evenly():
+    for num_units in range(1, 30):
+        for num_groups in range(1, num_units + 1):
+            assert M.split_balanced([3] * num_units, num_groups) == M.split_evenly(num_units, num_groups)
+
+
+def test_unit_activation_sizes_count_every_convolution_output():
+    # Recorded from the networks themselves: every nnx.Conv's output channels × pixels, unit by unit, at width 1.
+    recorded = []
+    original = nnx.Conv.__call__
+
+    def recording(self, x):
+        y = original(self, x)
+        recorded[-1] += int(np.prod(y.shape[1:]))
+        return y
+
+    def run(name):
+        arch = M.architecture_for(name, 1, batchnorm=True, rngs=rngs())
+        x = jnp.zeros((1, 32, 32, 3))
+        for unit in arch.units:
+            recorded.append(0)
+            for layer in unit.layers:
+                x = layer(x)
+
+    for name in M.MODELS:
+        recorded.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(nnx.Conv, "__call__", recording)
+            nnx.eval_shape(lambda name=name: run(name))
+        assert tuple(recorded) == M.architectures.unit_activation_sizes(name), name
+
+
+def test_resnet110_in_k_modules_balanced_by_activations():
+    sizes = M.architectures.unit_activation_sizes("resnet110")
+    total = sum(sizes)
+    for modules, expected in ((2, (16, 38)), (4, (8, 8, 14, 24))):
+        blocks = M.stage_sizes(config(name="resnet110", split="activations", num_groups=modules))
+        assert blocks == expected
+        bounds = np.cumsum((0, *blocks))
+        share = max(sum(sizes[i:j]) for i, j in itertools.pairwise(bounds)) / total
+        by_blocks = np.cumsum((0, *M.split_evenly(54, modules)))
+        share_by_blocks = max(sum(sizes[i:j]) for i, j in itertools.pairwise(by_blocks)) / total
+        # A contiguous split can always keep every module within one unit of total / K; the first module of a
+        # block-balanced split holds 71% (K = 2) and 44% (K = 4) of the activations.
+        assert share <= 1 / modules + max(sizes) / total < share_by_blocks, (modules, share, share_by_blocks)
+    model = abstract_model(name="resnet110", split="activations", num_groups=4)
+    assert model.stage_units[0][-1] == "block1_8" and model.stage_units[-1][-1] == "block3_18"
 
 
 # ----------------------------------------------------------------------------- published sizes
@@ -348,6 +416,8 @@ def test_split_merge_jax_jit():
         ({"name": "vgg11", "split": "groups"}, "num_groups", "between 1 and 8"),
         ({"name": "resnet20", "split": "groups", "num_groups": 10}, "10", "between 1 and 9"),
         ({"name": "resnet20", "split": "groups", "num_groups": 1.5}, "1.5", "between 1 and 9"),
+        ({"name": "resnet20", "split": "activations", "num_groups": 10}, "10", "between 1 and 9"),
+        ({"name": "resnet20", "split": "activations"}, "num_groups", "between 1 and 9"),
         ({"name": "small_cnn", "width": 0}, "0", ">= 1"),
         ({"name": "small_cnn", "width": 2.5}, "2.5", "int"),
         ({"name": "small_cnn", "batchnorm": "yes"}, "'yes'", "True or False"),

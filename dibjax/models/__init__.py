@@ -23,7 +23,7 @@ from dibjax.models.layers import (
     materialize,
     native_convolutions,
 )
-from dibjax.models.staged import StagedModel, count_params, split_evenly
+from dibjax.models.staged import StagedModel, count_params, split_balanced, split_evenly
 
 __all__ = [
     "COMPUTE_DTYPES",
@@ -43,6 +43,7 @@ __all__ = [
     "count_params",
     "materialize",
     "native_convolutions",
+    "split_balanced",
     "split_evenly",
     "stage_sizes",
 ]

@@ -131,3 +131,31 @@ BLOCK_SIZES = {
     **{name: (1,) * sum(blocks) for name, (blocks, _) in RESNET_LAYOUTS.items()},
 }
 NUM_UNITS = {name: sum(sizes) for name, sizes in BLOCK_SIZES.items()}
+
+
+def unit_activation_sizes(name: str) -> tuple[int, ...]:
+    """How many activations each unit of network ``name`` computes, relative to the others: the sum over the unit's
+    convolutions of their output channels × output pixels, for base width 1 and a 32×32 input.
+
+    A greedy stage keeps these outputs (and the BatchNorm and ReLU maps of the same size) for its backward pass, so
+    they are what a stage's step memory grows with. They fall with depth in every network here, since each halving of
+    the resolution at most doubles the channels: a ResNet's blocks go 4 : 2 : 1 over its three groups. Used by
+    ``split="activations"`` (:func:`dibjax.models.split_balanced`).
+    """
+    if name == "small_cnn":
+        return tuple(mult * (32 // 2**i) ** 2 for i, mult in enumerate((1, 2, 4, 8)))
+    if name in VGG_BLOCKS:
+        sizes = []
+        for b, (n_convs, mult) in enumerate(zip(VGG_BLOCKS[name], VGG_WIDTH_MULTIPLIERS, strict=True)):
+            sizes += [mult * (32 // 2**b) ** 2] * n_convs  # each block's convolutions run before its max-pool
+        return tuple(sizes)
+    blocks_per_group, shortcut = RESNET_LAYOUTS[name]
+    sizes = []
+    for g, n_blocks in enumerate(blocks_per_group):
+        # resnet18 keeps 32×32 in its first group and halves the map in each later one, as the CIFAR ResNets do
+        output = 2**g * (32 // 2**g) ** 2
+        sizes += [2 * output] * n_blocks  # two convolutions
+        if g > 0 and shortcut == "B":
+            sizes[-n_blocks] += output  # the 1×1 projection where the shape changes
+    sizes[0] += 32 * 32  # the stem convolution, width channels at 32×32
+    return tuple(sizes)

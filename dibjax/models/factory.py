@@ -13,10 +13,10 @@ from flax import nnx
 from dibjax.errors import ConfigError
 from dibjax.models import architectures
 from dibjax.models.layers import Chain, ConvHead, LinearHead
-from dibjax.models.staged import StagedModel, split_evenly
+from dibjax.models.staged import StagedModel, split_balanced, split_evenly
 
 MODELS = ("small_cnn", "vgg11", "vgg13", "vgg16", "resnet18", "resnet20", "resnet32", "resnet56", "resnet110")
-SPLITS = ("layer", "block", "groups")
+SPLITS = ("layer", "block", "groups", "activations")
 HEADS = ("linear", "conv")
 # Dtypes the layers may compute in; the parameters are float32 whatever this is.
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -35,7 +35,7 @@ DEFAULT_WIDTHS = {
 }
 
 # Fields that may be left out of the configuration, with the values they then take. `width=None` means the
-# network's published width; `num_groups` is only read for split="groups".
+# network's published width; `num_groups` is only read for split="groups" and split="activations".
 DEFAULTS = {
     "split": "layer",
     "num_groups": None,
@@ -93,7 +93,9 @@ def stage_sizes(config: Any) -> tuple[int, ...]:
         return architectures.BLOCK_SIZES[name]
     num_groups = _field(config, "num_groups")
     if num_groups is None:
-        raise ConfigError(f"split='groups' needs num_groups, an int between 1 and {num_units} for {name}")
+        raise ConfigError(f"split={split!r} needs num_groups, an int between 1 and {num_units} for {name}")
+    if split == "activations":
+        return split_balanced(architectures.unit_activation_sizes(name), num_groups)
     return split_evenly(num_units, num_groups)
 
 
@@ -111,8 +113,13 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
           ``"block"`` coincide. ``"block"`` gives one stage per VGG pooling block (the convolutions between two
           max-pools), per residual block for the ResNets (the stem convolution in the first stage) and per conv
           unit for the small CNN. ``"groups"`` cuts the ``"layer"`` units into ``num_groups`` contiguous groups
-          as evenly as possible, the earlier groups taking the extra units (:func:`split_evenly`).
-        - ``num_groups``: the number of stages for ``split="groups"``, between 1 and the number of units.
+          as evenly as possible, the earlier groups taking the extra units (:func:`split_evenly`), as InfoPro
+          (Wang et al., ICLR 2021) cuts its local modules. ``"activations"`` cuts them into ``num_groups``
+          contiguous groups balanced by the activations their units compute
+          (:func:`~dibjax.models.architectures.unit_activation_sizes`, :func:`split_balanced`): the stage that
+          needs the most memory needs as little as a contiguous split allows.
+        - ``num_groups``: the number of stages for ``split="groups"`` and ``split="activations"``, between 1 and
+          the number of units.
         - ``head`` (``"linear"``): ``"linear"`` is global average pooling and one linear layer; ``"conv"`` is
           :class:`~dibjax.models.layers.ConvHead` (conv 3×3 with ``head_width`` channels → BatchNorm → ReLU →
           average pool to 2×2 → flatten → optional hidden linear layer of ``head_hidden`` units with ReLU → linear).

@@ -104,22 +104,70 @@ class StagedModel(nnx.Module):
         return self.heads[-1](x)
 
 
+def _checked_num_groups(num_groups, num_units: int) -> int:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+        raise ConfigError(f"num_groups must be an int between 1 and {num_units}, got {num_groups!r}")
+    if not 1 <= num_groups <= num_units:
+        raise ConfigError(
+            f"num_groups={num_groups} is out of range: this model has {num_units} units, "
+            f"so num_groups must be between 1 and {num_units}"
+        )
+    return int(num_groups)
+
+
 def split_evenly(num_units: int, num_groups: int) -> tuple[int, ...]:
     """Sizes of ``num_groups`` contiguous groups covering ``num_units`` units as evenly as possible.
 
     Sizes differ by at most one; the earlier groups take the extra units (as ``numpy.array_split`` does), so
     ``split_evenly(8, 3) == (3, 3, 2)``.
     """
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
-        raise ConfigError(f"num_groups must be an int between 1 and {num_units}, got {num_groups!r}")
-    num_groups = int(num_groups)
-    if not 1 <= num_groups <= num_units:
-        raise ConfigError(
-            f"num_groups={num_groups} is out of range: this model has {num_units} units, "
-            f"so num_groups must be between 1 and {num_units}"
-        )
+    num_groups = _checked_num_groups(num_groups, num_units)
     base, extra = divmod(num_units, num_groups)
     return tuple(base + 1 if g < extra else base for g in range(num_groups))
+
+
+def split_balanced(sizes: Sequence[float], num_groups: int) -> tuple[int, ...]:
+    """Unit counts of ``num_groups`` contiguous groups of units whose largest total ``sizes`` is as small as possible.
+
+    The linear partition problem, solved exactly by dynamic programming over the prefix sums (O(K·n²) for n units
+    and K groups). The smallest largest total rarely fixes the split alone, so among the splits that reach it the one
+    with the least sum of squared group totals (the most even) is taken, and among those the one whose earlier
+    groups are longest. With equal sizes it gives :func:`split_evenly`'s groups; with the units' activation sizes
+    (:func:`dibjax.models.architectures.unit_activation_sizes`) it balances the stages' memory rather than their
+    depth, so a ResNet's first module, whose blocks work at the largest resolution, gets fewer of them.
+    """
+    num_units = len(sizes)
+    num_groups = _checked_num_groups(num_groups, num_units)
+    prefix = [0.0]
+    for size in sizes:
+        prefix.append(prefix[-1] + float(size))
+
+    def best_split(cost_of_groups, limit):
+        # cost[k][j]: the least cost of the first j units cut into k groups none above `limit`; cut[k][j]: where the
+        # last of them starts. Cut points are scanned from the right and replaced only when strictly better, so the
+        # last group is the shortest among equally good splits, and by induction the earlier groups the longest.
+        inf = float("inf")
+        cost = [[inf] * (num_units + 1) for _ in range(num_groups + 1)]
+        cut = [[0] * (num_units + 1) for _ in range(num_groups + 1)]
+        cost[0][0] = 0.0
+        for k in range(1, num_groups + 1):
+            for j in range(k, num_units - (num_groups - k) + 1):
+                for i in range(j - 1, k - 2, -1):
+                    total = prefix[j] - prefix[i]
+                    if total > limit:
+                        break  # longer last groups only grow
+                    candidate = cost_of_groups(cost[k - 1][i], total)
+                    if candidate < cost[k][j]:
+                        cost[k][j], cut[k][j] = candidate, i
+        groups, end = [], num_units
+        for k in range(num_groups, 0, -1):
+            groups.append(end - cut[k][end])
+            end = cut[k][end]
+        return cost[num_groups][num_units], tuple(reversed(groups))
+
+    largest, _ = best_split(max, float("inf"))
+    _, groups = best_split(lambda before, total: before + total * total, largest)
+    return groups
 
 
 def count_params(module: nnx.Module, *filters: nnx.filterlib.Filter) -> int:
