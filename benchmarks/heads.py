@@ -3,14 +3,15 @@
     python -m benchmarks.heads --data ../shared/data/cifar10                     # small CNN and ResNet-20
     python -m benchmarks.heads --data ../shared/data/cifar10 --models small_cnn --heads conv128 linear
 
-Every head of ``benchmarks.memory`` (``conv128``, ``stage``, ``stage_pool8``, ``linear``) trains each network
-greedily (``cpu,greedy_dib``: the sequential scheduler, the default DIB objective; ResNet-20 one stage per
-residual block) for ``--epochs`` epochs per stage on the training images minus ``--validation`` held-out ones, and
-is scored on those held-out images (``config.data.validation_size``; the test set is not used). The table gives
-the final and per-stage head accuracies, the wall time and the compiled memory of the largest greedy stage's step
-(``train_step_peak_bytes`` of the run's summary: the compiled estimate of the step the run trains with, on CPU the
-patches × kernel form; ``benchmarks.memory`` gives the native-convolution figures). Finished runs are kept in
-``--workdir`` and not rerun, so the comparison can be stopped and continued.
+Every head of ``benchmarks.memory`` (``conv128``, ``conv128_pool8``, ``stage``, ``stage_pool8``, ``linear``) trains
+each network greedily (``cpu,greedy_dib``: the sequential scheduler, the default DIB objective; ResNet-20 one stage
+per residual block) for ``--epochs`` epochs per stage on the training images minus ``--validation`` held-out ones,
+and is scored on those held-out images (``config.data.validation_size``; the test set is not used). The table
+gives the final accuracy (mean ± standard deviation over seeds), the per-stage head accuracies and the wall time
+(means over seeds) and the compiled memory of the largest greedy stage's step (``train_step_peak_bytes`` of the
+run's summary: the compiled estimate of the step the run trains with, on CPU the patches × kernel form;
+``benchmarks.memory`` gives the native-convolution figures). Finished runs are kept in ``--workdir`` and not
+rerun, so the comparison can be stopped and continued.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main() -> None:
     for model, head, runs in rows:
         accuracy = statistics.mean(r["test_accuracy"] for r in runs)
         spread = f" ± {100 * statistics.stdev(r['test_accuracy'] for r in runs):.2f}" if len(runs) > 1 else ""
-        stages = " / ".join(f"{100 * a:.1f}" for a in runs[0]["stage_accuracies"])
+        per_stage = zip(*(r["stage_accuracies"] for r in runs), strict=True)
+        stages = " / ".join(f"{100 * statistics.mean(a):.1f}" for a in per_stage)
         wall = statistics.mean(r["wall_seconds"] for r in runs)
         memory = max(r["train_step_peak_bytes"] for r in runs) / 2**20
         print(f"| {model} | {head} | {100 * accuracy:.2f}%{spread} | {stages} | {wall:.0f} | {memory:.0f} |")

@@ -48,14 +48,7 @@ def main() -> None:
 
     trainers = {name: make_trainer(name, args) for name in ("ce", "dib")}
     stages = args.stages if args.stages is not None else list(range(trainers["ce"].num_stages))
-    rng = np.random.default_rng(0)
-    batches = [
-        {
-            "image": rng.integers(0, 256, (args.batch, 32, 32, 3), dtype=np.uint8),
-            "label": rng.integers(0, 10, args.batch).astype(np.int32),
-        }
-        for _ in range(args.steps)
-    ]
+    batches = random_batches(args.batch, args.steps)
 
     print(
         f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, {args.model} width {args.width}, batch {args.batch}"
@@ -67,28 +60,46 @@ def main() -> None:
     print("| stage | ce step (ms) | dib step (ms) | dib / ce |")
     print("|---:|---:|---:|---:|")
     for k in stages:
-        steps, states = {}, {}
-        for name, stage_trainer in trainers.items():
-            states[name] = stage_trainer.create_state()
-            sharded = [stage_trainer.shard(b, len(b["label"])) for b in batches]
-            totals = stage_trainer.zero_totals(k, states[name], sharded[0])
-            compiled = stage_trainer.train_steps[k].lower(states[name], totals, sharded[0]).compile()
-            steps[name] = (compiled, sharded)
-            states[name] = compiled(states[name], totals, sharded[0])[:2]  # warm-up
-        times = {name: [] for name in trainers}
-        for _ in range(args.rounds):
-            for name in trainers:
-                step, sharded = steps[name]
-                state, totals = states[name]
-                jax.block_until_ready(state)
-                start = time.perf_counter()
-                for batch in sharded:
-                    state, totals, _ = step(state, totals, batch)
-                jax.block_until_ready(state)
-                times[name].append((time.perf_counter() - start) / len(sharded))
-                states[name] = state, totals
-        ce, dib = (statistics.median(times[name]) * 1e3 for name in ("ce", "dib"))
+        times = stage_step_seconds(trainers, k, batches, args.rounds)
+        ce, dib = (times[name] * 1e3 for name in ("ce", "dib"))
         print(f"| {k} | {ce:.1f} | {dib:.1f} | {dib / ce:.3f} |", flush=True)
+
+
+def random_batches(batch_size: int, count: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "image": rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),
+            "label": rng.integers(0, 10, batch_size).astype(np.int32),
+        }
+        for _ in range(count)
+    ]
+
+
+def stage_step_seconds(trainers: dict[str, trainer.Trainer], k: int, batches: list[dict], rounds: int) -> dict:
+    """The median over ``rounds`` of each trainer's mean time per step of stage ``k``'s training step; the trainers
+    alternate within every round, so that drift on a shared machine hits them alike."""
+    steps, states = {}, {}
+    for name, stage_trainer in trainers.items():
+        states[name] = stage_trainer.create_state()
+        sharded = [stage_trainer.shard(b, len(b["label"])) for b in batches]
+        totals = stage_trainer.zero_totals(k, states[name], sharded[0])
+        compiled = stage_trainer.train_steps[k].lower(states[name], totals, sharded[0]).compile()
+        steps[name] = (compiled, sharded)
+        states[name] = compiled(states[name], totals, sharded[0])[:2]  # warm-up
+    times = {name: [] for name in trainers}
+    for _ in range(rounds):
+        for name in trainers:
+            step, sharded = steps[name]
+            state, totals = states[name]
+            jax.block_until_ready(state)
+            start = time.perf_counter()
+            for batch in sharded:
+                state, totals, _ = step(state, totals, batch)
+            jax.block_until_ready(state)
+            times[name].append((time.perf_counter() - start) / len(sharded))
+            states[name] = state, totals
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 if __name__ == "__main__":

@@ -315,6 +315,12 @@ def test_conv_head_pools_large_maps_before_its_convolution():
     np.testing.assert_array_equal(pooled(small), plain(small))
 
 
+def test_conv_heads_pool_to_8x8_by_default():
+    model = abstract_model(name="resnet20", head="conv")
+    assert [h.pool for h in model.heads] == [8] * 9
+    assert [h.pool for h in abstract_model(name="resnet20", head="conv", head_pool=0).heads] == [0] * 9
+
+
 def test_linear_head_is_default():
     model = M.build_model(ml_collections.ConfigDict({"name": "small_cnn", "width": WIDTH}), NUM_CLASSES, rngs())
     assert all(isinstance(h, M.LinearHead) for h in model.heads)

@@ -44,7 +44,7 @@ DEFAULTS = {
     "batchnorm": True,
     "head_width": 128,
     "head_hidden": 0,
-    "head_pool": 0,
+    "head_pool": 8,
     "dtype": "float32",
 }
 
@@ -128,10 +128,11 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
           value when ``None``: :data:`DEFAULT_WIDTHS`.
         - ``batchnorm`` (``True``): ``False`` builds the same network, heads included, with no normalisation
           layers and with biases on the convolutions.
-        - ``head_width`` (128), ``head_hidden`` (0) and ``head_pool`` (0): sizes of the ``"conv"`` head: the channels
+        - ``head_width`` (128), ``head_hidden`` (0) and ``head_pool`` (8): sizes of the ``"conv"`` head: the channels
           of its convolution (0: as many as the stage's output, so the head grows with the stage), the units of its
-          hidden layer (0: none) and the largest map it convolves (0: the stage's own; 8: stages with larger maps
-          are average-pooled to 8×8 first).
+          hidden layer (0: none) and the largest map it convolves (8: stages with larger maps are average-pooled to
+          8×8 first, so that a head on an early, high-resolution stage needs no more memory than the stage; 0: the
+          stage's own map, whatever its size).
         - ``dtype`` (``"float32"``): the dtype the layers compute in, one of :data:`COMPUTE_DTYPES`. With
           ``"bfloat16"`` (mixed precision) convolutions and matmuls take bfloat16 operands and accumulate in
           float32, while the parameters, BatchNorm's statistics and the optimizer stay float32; stage outputs and
