@@ -7,7 +7,7 @@ Every head of ``benchmarks.memory`` (``conv128``, ``conv128_pool8``, ``stage``, 
 same network, objective (``greedy_dib``'s defaults), optimizer and batches; the steps of the heads alternate in
 rounds and the table gives the median step time over rounds, so that drift on a shared machine hits all alike,
 and each step's ratio to the first head's. The sequential scheduler trains every stage for the same number of
-epochs, so the last row, the sum over the stages, is in proportion to a greedy run's training time.
+epochs, so the last row, the sum over all the stages, is in proportion to a greedy run's training time.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
         cells = [f"{1e3 * times[h]:.1f} ({times[h] / times[baseline]:.2f})" for h in args.heads]
         print(f"| {k + 1} | " + " | ".join(cells) + " |", flush=True)
     cells = [f"{1e3 * sums[h]:.1f} ({sums[h] / sums[baseline]:.2f})" for h in args.heads]
-    print("| sum | " + " | ".join(cells) + " |")
+    print(f"| sum of {'all stages' if args.stages is None else 'these stages'} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
