@@ -10,19 +10,24 @@ one size and one method:
   images; a run takes well under a minute on CPU);
 * methods (:data:`METHODS`), each a scheduler and a per-stage objective:
 
-  ==============  ================  ===========  ===================================================
-  method          scheduler         objective    what it is
-  ==============  ================  ===========  ===================================================
-  ``greedy_dib``  ``sequential``    ``dib``      the greedy DIB method (the default)
-  ``greedy_ce``   ``sequential``    ``ce``       greedy layer-wise training with the heads' CE only
-  ``dgl``         ``simultaneous``  ``ce``       decoupled greedy learning (Belilovsky et al. 2020)
-  ``predsim``     ``simultaneous``  ``predsim``  local prediction + similarity losses (Nøkland & Eidnes 2019)
-  ``hsic``        ``simultaneous``  ``hsic``     the HSIC bottleneck (Ma, Lewis & Kleijn 2020)
-  ``sgd``         ``end_to_end``    ``ce``       end-to-end backpropagation, the baseline
-  ==============  ================  ===========  ===================================================
+  ==============  ================  =============  ============================================================
+  method          scheduler         objective      what it is
+  ==============  ================  =============  ============================================================
+  ``greedy_dib``  ``sequential``    ``dib``        the greedy DIB method (the default)
+  ``greedy_ce``   ``sequential``    ``ce``         greedy layer-wise training with the heads' CE only
+  ``dgl``         ``simultaneous``  ``ce``         decoupled greedy learning (Belilovsky et al. 2020)
+  ``predsim``     ``simultaneous``  ``predsim``    local prediction + similarity losses (Nøkland & Eidnes 2019)
+  ``hsic``        ``simultaneous``  ``hsic``       the HSIC bottleneck (Ma, Lewis & Kleijn 2020)
+  ``infopro``     ``simultaneous``  ``infopro``    InfoPro: reconstruction + contrastive losses (Wang et al. 2021)
+  ``random``      ``simultaneous``  ``head_only``  the stages left as initialised, only the heads trained
+  ``sgd``         ``end_to_end``    ``ce``         end-to-end backpropagation, the baseline
+  ==============  ================  =============  ============================================================
 
-  The layer-wise methods cut the network per layer and give every stage a convolutional auxiliary head; ``sgd``
-  keeps the network's own classifier (a linear head). ``train.num_epochs`` counts the epochs of every stage for
+  The layer-wise methods cut the network per layer and give every stage a convolutional auxiliary head (``sgd``
+  keeps the network's own classifier, a linear head), except those whose authors publish their own: ``predsim``
+  (pool-and-linear prediction heads and a convolution before the similarity matrix, dropout 0.2 between stages),
+  ``hsic`` (its SGD recipe and a format phase) and ``infopro`` (linear probes and InfoPro's decoder and
+  contrastive head). ``train.num_epochs`` counts the epochs of every stage for
   the sequential scheduler and of the whole run otherwise.
 
 Any field can then be overridden on the command line, e.g. ``--config.train.num_epochs=3``. :func:`check_config`
@@ -38,7 +43,7 @@ from dibjax.errors import ConfigError
 
 DATASETS = ("cifar10", "cifar100", "gtsrb")
 SIZES = ("full", "cpu", "smoke")
-METHODS = ("greedy_dib", "greedy_ce", "dgl", "predsim", "hsic", "sgd")
+METHODS = ("greedy_dib", "greedy_ce", "dgl", "predsim", "hsic", "infopro", "random", "sgd")
 # (scheduler, objective) of every method.
 METHOD_RECIPES = {
     "greedy_dib": ("sequential", "dib"),
@@ -46,6 +51,8 @@ METHOD_RECIPES = {
     "dgl": ("simultaneous", "ce"),
     "predsim": ("simultaneous", "predsim"),
     "hsic": ("simultaneous", "hsic"),
+    "infopro": ("simultaneous", "infopro"),
+    "random": ("simultaneous", "head_only"),
     "sgd": ("end_to_end", "ce"),
 }
 
@@ -103,6 +110,8 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     # conv head: pool larger maps to this size before its convolution (0: never). 8 keeps the head of a 32×32 stage
     # from needing more memory than the stage and costs no accuracy (docs/benchmarks.md, "Accuracy of the heads").
     config.model.head_pool = 8
+    config.model.head_features = 2048  # prediction head: values per sample after its average pool
+    config.model.head_extras = ()  # ("similarity",): predsim's convolution before its similarity matrix
     config.model.dtype = "float32"  # or "bfloat16": mixed precision, float32 parameters
 
     config.method = method
@@ -114,10 +123,16 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     config.objective.dib = ml_collections.ConfigDict(
         {"beta": 0.001, "gamma": 0.0, "compression": "entropy", "alpha": 1.01, "width": "median", "pool": 4}
     )
-    config.objective.predsim = ml_collections.ConfigDict({"beta": 0.99})
-    config.objective.hsic = ml_collections.ConfigDict({"lam": 100.0, "width": "median", "pool": 4})
+    config.objective.predsim = ml_collections.ConfigDict({"beta": 0.99, "similarity_conv": True})
+    config.objective.hsic = ml_collections.ConfigDict({"beta": 500.0, "sigma": 5.0, "epsilon": 1e-5})
+    config.objective.hsic_unnormalized = ml_collections.ConfigDict({"lam": 100.0, "width": "median", "pool": 4})
+    # InfoPro's weights for ResNet-32 in K = 4 modules (their ixx_1, ixx_2, ixy_1, ixy_2).
+    config.objective.infopro = ml_collections.ConfigDict(
+        {"task": "contrast", "lambda_1_first": 6.0, "lambda_1_last": 1.0, "lambda_2_first": 0.0, "lambda_2_last": 2.0}
+    )
 
     config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "sgd"  # or "adam"
     config.optimizer.learning_rate = 0.1
     config.optimizer.momentum = 0.9
     config.optimizer.nesterov = True
@@ -134,7 +149,10 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     config.train.eval_batch_size = 500
     config.train.num_epochs = 200 if dataset != "gtsrb" else 30
     config.train.label_smoothing = 0.0
+    config.train.stage_dropout = 0.0  # channel dropout on each stage's output as it enters the next stage
     config.train.stage_epochs = ()  # sequential scheduler: epochs of each stage, overriding num_epochs
+    # >0: then train every head for this many epochs on the frozen stages (the HSIC bottleneck's "format" phase)
+    config.train.format_epochs = 0
     config.train.log_every_steps = 20
     config.train.checkpoint = True
     config.train.overwrite = False  # start over in a workdir that holds another config's run
@@ -148,6 +166,48 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
         config.model.head = "conv"
         if size == "full" and config.scheduler == "sequential":
             config.train.num_epochs = 50 if dataset != "gtsrb" else 15
+    if method == "hsic":
+        # Ma, Lewis & Kleijn (2020), their CIFAR-10 run: plain SGD at a constant 0.01 with weight decay 1e-3 (their
+        # momentum never acts: the optimizer is rebuilt every step), then 5 epochs of the format phase.
+        config.optimizer.learning_rate = 0.01
+        config.optimizer.momentum = 0.0
+        config.optimizer.nesterov = False
+        config.optimizer.weight_decay = 1e-3
+        config.optimizer.warmup_epochs = 0
+        config.optimizer.lr_schedule = "multistep"
+        config.optimizer.milestones = ()
+        config.train.format_epochs = 5
+    if method == "infopro":
+        # Linear probes report the stages' accuracy; InfoPro's decoder and contrastive head carry its losses.
+        config.model.head = "linear"
+        config.model.head_extras = ("decoder", "projection")
+        if size == "full":
+            # Their CIFAR-10 recipe: ResNet-32 in 4 local modules, SGD (Nesterov) 0.8 at batch 1024 with a 10-epoch
+            # warm-up and cosine decay over 160 epochs, weight decay 1e-4.
+            config.model.name = "resnet32"
+            config.model.split = "groups"
+            config.model.num_groups = 4
+            config.train.batch_size = 1024
+            config.train.num_epochs = 160
+            config.optimizer.learning_rate = 0.8
+            config.optimizer.weight_decay = 1e-4
+            config.optimizer.warmup_epochs = 10
+    if method == "predsim":
+        # Nøkland & Eidnes (2019): pool-and-linear prediction heads, the convolution before the similarity matrix,
+        # dropout 0.2 on every block's output (their VGG8b CIFAR-10 run).
+        config.model.head = "prediction"
+        config.model.head_extras = ("similarity",)
+        config.train.stage_dropout = 0.2
+        if size == "full":
+            # Their optimizer: Adam at 5e-4 for 400 epochs, the rate × 0.25 at epochs 200, 300, 350 and 375.
+            config.optimizer.name = "adam"
+            config.optimizer.learning_rate = 5e-4
+            config.optimizer.weight_decay = 0.0
+            config.optimizer.warmup_epochs = 0
+            config.optimizer.lr_schedule = "multistep"
+            config.optimizer.milestones = (0.5, 0.75, 0.875, 0.9375)
+            config.optimizer.decay_factor = 0.25
+            config.train.num_epochs = 400 if dataset != "gtsrb" else 30
 
     if size == "cpu":
         config.model.name = "small_cnn"
@@ -179,6 +239,8 @@ def model_fields(config: ml_collections.ConfigDict) -> dict:
     fields = config.model.to_dict()
     fields["width"] = fields.get("width") or None
     fields["num_groups"] = fields.get("num_groups") or None
+    fields["head_extras"] = tuple(fields.get("head_extras") or ())
+    fields["image_size"] = config.data.image_size
     return fields
 
 
@@ -217,10 +279,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"unknown data.source {config.data.source!r}; accepted: {', '.join(data.SOURCES)}")
     if config.scheduler not in schedulers.SCHEDULERS:
         raise ConfigError(f"unknown scheduler {config.scheduler!r}; accepted: {', '.join(schedulers.SCHEDULERS)}")
+    if config.optimizer.get("name", "sgd") not in optim.OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer.name {config.optimizer.name!r}; accepted: {', '.join(optim.OPTIMIZERS)}")
     if config.optimizer.lr_schedule not in optim.LR_SCHEDULES:
         raise ConfigError(
             f"unknown optimizer.lr_schedule {config.optimizer.lr_schedule!r}; accepted: {', '.join(optim.LR_SCHEDULES)}"
         )
+    stage_dropout = config.train.get("stage_dropout", 0.0)
+    if isinstance(stage_dropout, bool) or not isinstance(stage_dropout, int | float) or not 0 <= stage_dropout < 1:
+        raise ConfigError(f"train.stage_dropout must be a number in [0, 1), got {stage_dropout!r}")
     for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps"):
         value = config.train[field]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -228,8 +295,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {config.seed!r}")
     objective = objectives.from_config(config.objective, config.train.label_smoothing)
+    missing = [e for e in getattr(objective, "head_extras", ()) if e not in tuple(config.model.get("head_extras", ()))]
+    if missing:
+        raise ConfigError(
+            f"objective {config.objective.name!r} needs model.head_extras to include {tuple(missing)}, got "
+            f"{tuple(config.model.get('head_extras', ()))!r}"
+        )
     num_stages = len(models.stage_sizes(model_fields(config)))
-    schedulers.make_phases(config.scheduler, num_stages, stage_epochs(config, num_stages))
+    schedulers.make_phases(
+        config.scheduler, num_stages, stage_epochs(config, num_stages), config.train.get("format_epochs", 0)
+    )
     optim.peak_learning_rates(config, schedulers.num_groups(config.scheduler, num_stages))
     if "analysis" in config:
         analysis.check_options({**analysis.default_options(), **config.analysis.to_dict()})

@@ -7,8 +7,10 @@
 * ``lr_schedule``: ``"cosine"`` (cosine decay from the peak to 0 over the group's steps) or ``"multistep"`` (the
   peak multiplied by ``decay_factor`` at each of ``milestones``, fractions of the group's steps).
 * ``warmup_epochs``: a linear ramp from 0 to the peak over these epochs, before the schedule.
-* ``momentum``, ``nesterov``, ``weight_decay``: SGD with (Nesterov) momentum and L2 weight decay added to the
-  gradient (``optax.add_decayed_weights``), as in the CIFAR literature.
+* ``name``: ``"sgd"`` (the default) or ``"adam"`` (Kingma & Ba 2015, optax's defaults β1 = 0.9, β2 = 0.999,
+  ε = 1e-8, as PyTorch's); ``weight_decay`` is L2 weight decay added to the gradient (``optax.add_decayed_weights``)
+  for both, as in the CIFAR literature and PyTorch's ``Adam(weight_decay=...)``.
+* ``momentum``, ``nesterov``: SGD with (Nesterov) momentum.
 
 A sequential run gives every stage's group the epochs of its own phase, so each stage has a complete schedule.
 """
@@ -21,6 +23,7 @@ import optax
 from dibjax.errors import ConfigError
 
 LR_SCHEDULES = ("cosine", "multistep")
+OPTIMIZERS = ("sgd", "adam")
 
 
 def learning_rate_schedule(
@@ -43,12 +46,16 @@ def learning_rate_schedule(
 
 
 def make_optimizer(config: ml_collections.ConfigDict, learning_rate: optax.Schedule) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum and weight decay added to the gradient, at the rate ``learning_rate(step)``."""
+    """SGD with (Nesterov) momentum, or Adam, with weight decay added to the gradient, at ``learning_rate(step)``."""
     opt = config.optimizer
-    return optax.chain(
-        optax.add_decayed_weights(opt.weight_decay),
-        optax.sgd(learning_rate, momentum=opt.momentum or None, nesterov=bool(opt.nesterov and opt.momentum)),
-    )
+    name = opt.get("name", "sgd")
+    if name == "adam":
+        step = optax.adam(learning_rate)
+    elif name == "sgd":
+        step = optax.sgd(learning_rate, momentum=opt.momentum or None, nesterov=bool(opt.nesterov and opt.momentum))
+    else:
+        raise ConfigError(f"unknown optimizer.name {name!r}; accepted: {', '.join(OPTIMIZERS)}")
+    return optax.chain(optax.add_decayed_weights(opt.weight_decay), step)
 
 
 def peak_learning_rates(config: ml_collections.ConfigDict, num_groups: int) -> tuple[float, ...]:

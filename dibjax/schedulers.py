@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from dibjax import models
+from dibjax import models, objectives
 from dibjax.errors import ConfigError
 
 SCHEDULERS = ("sequential", "simultaneous", "end_to_end")
@@ -64,17 +64,27 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """A part of a run with one training step: ``stage`` is the stage trained (``None``: every stage)."""
+    """A part of a run with one training step: ``stage`` is the stage trained (``None``: every stage).
+
+    ``format``: the format phase, in which every head learns its cross-entropy on the frozen stages (the HSIC
+    bottleneck's last phase, Ma, Lewis & Kleijn 2020); its parameter group is the last one and holds every head.
+    """
 
     scheduler: str
     stage: int | None
     num_epochs: int
+    format: bool = False
 
 
-def make_phases(scheduler: str, num_stages: int, epochs: int | Sequence[int]) -> list[Phase]:
-    """The phases of a run. ``epochs`` is the epochs of every phase, or for ``sequential`` one count per stage."""
+def make_phases(scheduler: str, num_stages: int, epochs: int | Sequence[int], format_epochs: int = 0) -> list[Phase]:
+    """The phases of a run. ``epochs`` is the epochs of every phase, or for ``sequential`` one count per stage;
+    ``format_epochs > 0`` adds the format phase at the end."""
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {scheduler!r}; accepted: {', '.join(SCHEDULERS)}")
+    if isinstance(format_epochs, bool) or not isinstance(format_epochs, int) or format_epochs < 0:
+        raise ConfigError(f"train.format_epochs must be an int >= 0, got {format_epochs!r}")
+    if format_epochs and scheduler == "end_to_end":
+        raise ConfigError("train.format_epochs retrains the layer-wise heads; the end_to_end scheduler has none")
     per_stage = [int(epochs)] * num_stages if isinstance(epochs, int) else [int(e) for e in epochs]
     if scheduler != "sequential" and not isinstance(epochs, int):
         raise ConfigError(f"scheduler {scheduler!r} takes one epoch count, got {epochs!r}")
@@ -83,34 +93,50 @@ def make_phases(scheduler: str, num_stages: int, epochs: int | Sequence[int]) ->
     if any(e < 1 for e in per_stage):
         raise ConfigError(f"epoch counts must be >= 1, got {tuple(per_stage)}")
     if scheduler == "sequential":
-        return [Phase(scheduler, k, e) for k, e in enumerate(per_stage)]
-    return [Phase(scheduler, None, per_stage[0])]
+        phases = [Phase(scheduler, k, e) for k, e in enumerate(per_stage)]
+    else:
+        phases = [Phase(scheduler, None, per_stage[0])]
+    if format_epochs:
+        phases.append(Phase(scheduler, None, format_epochs, format=True))
+    return phases
 
 
-def num_groups(scheduler: str, num_stages: int) -> int:
-    """Parameter groups with an optimizer of their own: one per stage and head, or one for end-to-end."""
-    return 1 if scheduler == "end_to_end" else num_stages
+def num_groups(scheduler: str, num_stages: int, format_epochs: int = 0) -> int:
+    """Parameter groups with an optimizer of their own: one per stage and head, or one for end-to-end; and with a
+    format phase, one more, the last, for every head."""
+    return (1 if scheduler == "end_to_end" else num_stages) + (1 if format_epochs else 0)
 
 
-def group_members(scheduler: str, num_stages: int, group: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(stage indices, head indices) of a parameter group."""
+def group_members(
+    scheduler: str, num_stages: int, group: int, *, stages_trained: bool = True
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(stage indices, head indices) of a parameter group; no stages when ``stages_trained`` is False.
+
+    Group ``num_stages`` of a layer-wise scheduler is the format phase's: every head, no stage.
+    """
+    if scheduler != "end_to_end" and group == num_stages:
+        return (), tuple(range(num_stages))
     if scheduler == "end_to_end":
-        return tuple(range(num_stages)), (num_stages - 1,)
-    return (group,), (group,)
+        stages, heads = tuple(range(num_stages)), (num_stages - 1,)
+    else:
+        stages, heads = (group,), (group,)
+    return (stages if stages_trained else ()), heads
 
 
 def init_optimizer_states(
-    scheduler: str, optimizers: Sequence[optax.GradientTransformation], params: dict
+    scheduler: str, optimizers: Sequence[optax.GradientTransformation], params: dict, *, stages_trained: bool = True
 ) -> list[optax.OptState]:
-    """One optimizer state per parameter group, each over the group's parameters only."""
+    """One optimizer state per parameter group, each over the group's trained parameters only."""
     num_stages = len(params["stages"])
     return [
-        optimizer.init(select(params, *group_members(scheduler, num_stages, g)))
+        optimizer.init(select(params, *group_members(scheduler, num_stages, g, stages_trained=stages_trained)))
         for g, optimizer in enumerate(optimizers)
     ]
 
 
 def trained_groups(phase: Phase, num_stages: int) -> tuple[int, ...]:
+    if phase.format:
+        return (num_stages,)
     if phase.scheduler == "sequential":
         return (phase.stage,)
     return tuple(range(num_groups(phase.scheduler, num_stages)))
@@ -118,11 +144,15 @@ def trained_groups(phase: Phase, num_stages: int) -> tuple[int, ...]:
 
 def trained_stages(phase: Phase, num_stages: int) -> tuple[int, ...]:
     """Stages whose parameters the phase updates."""
+    if phase.format:
+        return ()
     return (phase.stage,) if phase.stage is not None else tuple(range(num_stages))
 
 
 def evaluated_heads(phase: Phase, num_stages: int) -> tuple[int, ...]:
     """Heads whose accuracy the phase reports: the trained stage's, every head, or the classifier."""
+    if phase.format:
+        return tuple(range(num_stages))
     if phase.scheduler == "sequential":
         return (phase.stage,)
     if phase.scheduler == "simultaneous":
@@ -200,6 +230,16 @@ class FunctionalModel:
                 h = outputs[-1]
         return outputs
 
+    def apply_head(self, k: int, params: dict, batch_stats: dict, head_input: jax.Array, t: jax.Array):
+        """Head ``k`` in training mode: its logits on ``head_input``, the outputs of its extra modules on the stage
+        output ``t`` (:class:`~dibjax.models.layers.HeadWithExtras`; none for a plain head) and its new statistics."""
+        module = nnx.merge(self.train_defs["heads"][k], params["heads"][k], batch_stats["heads"][k], copy=True)
+        if isinstance(module, models.HeadWithExtras):
+            logits, extras = module.outputs(head_input, t)
+        else:
+            logits, extras = module(head_input), {}
+        return logits, extras, nnx.state(module, nnx.Not(nnx.Param))
+
     def unit_norms(self, k: int, stage_tree) -> list[jax.Array]:
         """Global norms of the parts of stage ``k``'s parameter tree (e.g. its gradient) that belong to each unit."""
         counts = self.unit_layers[k]
@@ -233,43 +273,103 @@ def _view(params: dict, trainable: dict) -> dict:
     return params
 
 
+def scale_gradient(x: jax.Array, factor: float) -> jax.Array:
+    """``x`` in the forward pass; in the backward pass the gradient that reaches ``x`` is multiplied by ``factor``."""
+    if factor == 1:
+        return x
+    if factor == 0:
+        return jax.lax.stop_gradient(x)
+    # x − x is exactly 0, so the value is x to the last bit.
+    return jax.lax.stop_gradient(x) + factor * (x - jax.lax.stop_gradient(x))
+
+
+def channel_dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Zeroes each channel of each sample with probability ``rate`` and scales the rest by ``1 / (1 − rate)``
+    (PyTorch's ``Dropout2d`` for feature maps, plain dropout for ``(n, d)`` arrays)."""
+    if rate == 0:
+        return x
+    shape = (x.shape[0], 1, 1, x.shape[-1]) if x.ndim == 4 else x.shape
+    keep = jax.random.bernoulli(key, 1.0 - rate, shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
 def phase_loss(
-    net: FunctionalModel, objective: Callable, phase: Phase, trainable: dict, params: dict, batch_stats: dict, x, labels
+    net: FunctionalModel,
+    objective: Callable,
+    phase: Phase,
+    trainable: dict,
+    params: dict,
+    batch_stats: dict,
+    x,
+    labels,
+    *,
+    pixels: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
 ):
-    """The phase's loss and, per stage, its loss terms, logits and updated statistics."""
+    """The phase's loss and, per stage, its loss terms, logits and updated statistics.
+
+    ``x`` is the normalised image batch; ``pixels``, the same images in ``[0, 1]``, is passed on to the objective.
+
+    With ``dropout_rate > 0`` every stage's output is passed on to the next stage through :func:`channel_dropout`
+    (a key per stage, folded from ``dropout_key``); the objectives see the outputs before dropout, as in
+    Nøkland & Eidnes (2019).
+    """
     num_stages = net.num_stages
+
+    def dropped(h: jax.Array, k: int) -> jax.Array:
+        # h is the output of stage k - 1, about to enter stage k.
+        if dropout_rate == 0 or k == 0:
+            return h
+        return channel_dropout(h, dropout_rate, jax.random.fold_in(dropout_key, k))
+
     params = _view(params, trainable)
     new_batch_stats = {"stages": list(batch_stats["stages"]), "heads": list(batch_stats["heads"])}
     outputs: dict[int, dict[str, Any]] = {}
 
     def stage_objective(k: int, t: jax.Array, stage_input: jax.Array) -> jax.Array:
-        head_input = t if objective.head_trains_stage else jax.lax.stop_gradient(t)
-        logits, new_batch_stats["heads"][k] = net.apply("heads", k, params, batch_stats, head_input, train=True)
-        loss, terms = objective(t, logits, labels, stage_input=stage_input, network_input=x)
+        loss_of_stage = objective.for_stage(k, num_stages) if hasattr(objective, "for_stage") else objective
+        head_input = scale_gradient(t, loss_of_stage.head_gradient)
+        logits, extras, new_batch_stats["heads"][k] = net.apply_head(k, params, batch_stats, head_input, t)
+        loss, terms = loss_of_stage(
+            t, logits, labels, stage_input=stage_input, network_input=x, extras=extras, pixels=pixels
+        )
         outputs[k] = {"loss": loss, "terms": terms, "logits": logits}
         return loss
 
-    if phase.scheduler == "sequential":
+    if phase.format:
+        # Every head on the frozen stages, in inference mode, each learning its cross-entropy.
+        format_loss = objectives.CrossEntropy(getattr(objective, "label_smoothing", 0.0))
+        h, total = x, 0.0
+        with models.native_convolutions():
+            for k in range(num_stages):
+                h = net.frozen_forward(k, params, batch_stats, h)
+                t = jax.lax.stop_gradient(h)
+                logits, _, new_batch_stats["heads"][k] = net.apply_head(k, params, batch_stats, t, t)
+                loss, terms = format_loss(t, logits, labels)
+                outputs[k] = {"loss": loss, "terms": terms, "logits": logits}
+                total = total + loss
+    elif phase.scheduler == "sequential":
         k = phase.stage
         h = x
         # The frozen stages only run forward: the native convolution is the faster one there.
         with models.native_convolutions():
             for j in range(k):
                 h = net.frozen_forward(j, params, batch_stats, h)
-        h = jax.lax.stop_gradient(h)
+        h = jax.lax.stop_gradient(dropped(h, k))
         t, new_batch_stats["stages"][k] = net.apply("stages", k, params, batch_stats, h, train=True)
         total = stage_objective(k, t, h)
     elif phase.scheduler == "simultaneous":
         h, total = x, 0.0
         for k in range(num_stages):
-            stage_input = jax.lax.stop_gradient(h)
+            stage_input = jax.lax.stop_gradient(dropped(h, k))
             h, new_batch_stats["stages"][k] = net.apply("stages", k, params, batch_stats, stage_input, train=True)
             total = total + stage_objective(k, h, stage_input)
     else:
         h, stage_input = x, x
         for k in range(num_stages):
-            stage_input = h
-            h, new_batch_stats["stages"][k] = net.apply("stages", k, params, batch_stats, h, train=True)
+            stage_input = dropped(h, k)
+            h, new_batch_stats["stages"][k] = net.apply("stages", k, params, batch_stats, stage_input, train=True)
         total = stage_objective(num_stages - 1, h, stage_input)
     return total, (outputs, new_batch_stats)
 
@@ -289,6 +389,10 @@ def train_step(
     state: TrainState,
     images: jax.Array,
     labels: jax.Array,
+    *,
+    pixels: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimisation step of ``phase`` on a batch of normalised, augmented ``images``.
 
@@ -297,14 +401,28 @@ def train_step(
     head excluded) and one entry per objective term, all zero for stages the phase does not train; plus ``count``
     and ``unit_grad_norm``, the gradient norm of every unit of the network (zero where not trained).
     A step whose loss is not finite leaves the state as it was and records its index in ``nonfinite_step``.
+    ``pixels``, ``dropout_rate`` and ``dropout_key``: as for :func:`phase_loss`.
     """
     num_stages = net.num_stages
     groups = trained_groups(phase, num_stages)
-    members = {g: group_members(phase.scheduler, num_stages, g) for g in groups}
+    stages_trained = objective.trains_stage
+    members = {g: group_members(phase.scheduler, num_stages, g, stages_trained=stages_trained) for g in groups}
     trainable = {g: select(state.params, *members[g]) for g in groups}
 
     def loss_fn(trainable):
-        return phase_loss(net, objective, phase, trainable, state.params, state.batch_stats, images, labels)
+        return phase_loss(
+            net,
+            objective,
+            phase,
+            trainable,
+            state.params,
+            state.batch_stats,
+            images,
+            labels,
+            pixels=pixels,
+            dropout_rate=dropout_rate,
+            dropout_key=dropout_key,
+        )
 
     (loss, (outputs, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
 

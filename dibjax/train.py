@@ -169,7 +169,8 @@ def epoch_records(
 
     * ``stage``: the stage (from 1) whose head the record scores; ``null`` end to end (the network's classifier).
     * ``epoch``: the epoch of the run (from 1); ``phase_epoch``: the epoch within the stage's phase (from 1;
-      equal to ``epoch`` except for the sequential scheduler).
+      equal to ``epoch`` except for the sequential scheduler and the format phase); ``format_phase``: whether the
+      epoch belongs to the format phase (``train.format_epochs``: the heads alone trained on the frozen stages).
     * ``train_loss``: the stage's objective averaged over the epoch's steps; ``train_accuracy``: its head's accuracy
       on the (augmented) training batches.
     * ``test_loss``, ``test_accuracy``: cross-entropy and accuracy on the evaluation split (the test set, or the
@@ -182,17 +183,20 @@ def epoch_records(
       epoch's steps; end to end, ``grad_norms`` lists it for every stage.
     * ``train_step_bytes``: XLA's estimate of the compiled training step's memory (:meth:`Trainer.peak_memory_bytes`).
     * one field per term of the objective, averaged over the epoch's steps: ``ce`` (cross-entropy, nats), and
-      as configured ``H_T``, ``I_XT``, ``I_prev``, ``I_TY`` (bits), ``sim``, ``hsic_x``, ``hsic_y``.
+      as configured ``H_T``, ``I_XT``, ``I_prev``, ``I_TY`` (bits), ``sim``, ``hsic_x``, ``hsic_y``, ``recon``,
+      ``contrast``.
     """
     steps = trainer.steps_per_epoch
     terms = [name for name in totals if name not in ("loss", "correct", "count", "grad_norm", "unit_grad_norm")]
     records = []
     for k in schedulers.evaluated_heads(phase, trainer.num_stages):
-        group = 0 if phase.scheduler == "end_to_end" else k  # the optimizer of the stage's parameter group
+        # The optimizer of the stage's parameter group (the last group holds every head in the format phase).
+        group = trainer.num_stages if phase.format else 0 if phase.scheduler == "end_to_end" else k
         record = {
             "stage": None if phase.scheduler == "end_to_end" else k + 1,
             "epoch": epoch,
             "phase_epoch": phase_epoch,
+            "format_phase": phase.format,
             "train_loss": float(totals["loss"][k] / steps),
             "train_accuracy": float(totals["correct"][k] / totals["count"]),
             "test_loss": test[k]["loss"],
@@ -220,11 +224,15 @@ def _summary(trainer: Trainer, records: list[dict], num_epochs: int, wall_second
         by_stage[r["stage"]] = r  # the latest record of each stage
     end_to_end = trainer.config.scheduler == "end_to_end"
     final = by_stage[None] if end_to_end else by_stage[trainer.num_stages]
-    # One compiled training step per phase: per stage for the sequential scheduler, else one for the run.
+    # One compiled training step per phase: per stage for the sequential scheduler, else one for the run; then
+    # one for the format phase, if any.
+    training = [r for r in records if not r.get("format_phase")]
     if trainer.config.scheduler == "sequential":
-        phase_bytes = [by_stage[k]["train_step_bytes"] for k in range(1, trainer.num_stages + 1)]
+        last_of_stage = {r["stage"]: r for r in training}
+        phase_bytes = [last_of_stage[k]["train_step_bytes"] for k in range(1, trainer.num_stages + 1)]
     else:
-        phase_bytes = [records[-1]["train_step_bytes"]]
+        phase_bytes = [training[-1]["train_step_bytes"]]
+    phase_bytes += [r["train_step_bytes"] for r in records[-1:] if r.get("format_phase")]
     heads = [by_stage[k]["test_accuracy"] for k in range(1, trainer.num_stages + 1)] if not end_to_end else None
     return {
         "test_accuracy": final["test_accuracy"],
@@ -352,6 +360,8 @@ def _train(
                 first = data.train_batches(train_ds, batch_size, seed=config.seed, epoch=1, rows=rows)
                 sample_batch = trainer.shard(next(first), batch_size)
             what = "the network" if phase.stage is None else f"stage {phase.stage + 1}/{trainer.num_stages}"
+            if phase.format:
+                what = "the format phase (heads on the frozen stages)"
             where = f"the compilation of {what}'s training step"
             _print(f"compiling {what}'s training step …")
             compile_start = time.perf_counter()

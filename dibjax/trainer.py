@@ -21,6 +21,9 @@ from jax.sharding import PartitionSpec as P
 from dibjax import config_lib, data, distributed, models, objectives, optim, schedulers, streams
 from dibjax.schedulers import TrainState
 
+# Folded into a step's augmentation key to give the key of its dropout between stages.
+_DROPOUT_STREAM = 1
+
 
 @dataclasses.dataclass
 class Trainer:
@@ -50,16 +53,23 @@ class Trainer:
         self.net = schedulers.FunctionalModel(model)
         num_stages = self.net.num_stages
         self.objective = objectives.from_config(config.objective, config.train.label_smoothing)
-        self.phases = schedulers.make_phases(config.scheduler, num_stages, config_lib.stage_epochs(config, num_stages))
-        groups = schedulers.num_groups(config.scheduler, num_stages)
-        peaks = optim.peak_learning_rates(config, groups)
+        format_epochs = config.train.get("format_epochs", 0)
+        self.phases = schedulers.make_phases(
+            config.scheduler, num_stages, config_lib.stage_epochs(config, num_stages), format_epochs
+        )
+        layer_groups = schedulers.num_groups(config.scheduler, num_stages)
+        peaks = optim.peak_learning_rates(config, layer_groups)
         # Group g's schedule runs over the epochs of the phase that trains it.
         if config.scheduler == "sequential":
-            group_epochs = [phase.num_epochs for phase in self.phases]
+            group_epochs = [phase.num_epochs for phase in self.phases[:layer_groups]]
         else:
-            group_epochs = [self.phases[0].num_epochs] * groups
+            group_epochs = [self.phases[0].num_epochs] * layer_groups
+        if format_epochs:
+            # The format phase's group (every head) has a schedule of its own, at the run's peak rate.
+            peaks, group_epochs = (*peaks, config.optimizer.learning_rate), [*group_epochs, format_epochs]
         self.lr_schedules = [
-            optim.learning_rate_schedule(config, self.steps_per_epoch, group_epochs[g], peaks[g]) for g in range(groups)
+            optim.learning_rate_schedule(config, self.steps_per_epoch, epochs, peak)
+            for epochs, peak in zip(group_epochs, peaks, strict=True)
         ]
         self.optimizers = [optim.make_optimizer(config, s) for s in self.lr_schedules]
         self.mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -95,7 +105,9 @@ class Trainer:
             step=jnp.zeros((), jnp.int32),
             params=params,
             batch_stats=self.net.initial_batch_stats,
-            opt_states=schedulers.init_optimizer_states(self.config.scheduler, self.optimizers, params),
+            opt_states=schedulers.init_optimizer_states(
+                self.config.scheduler, self.optimizers, params, stages_trained=self.objective.trains_stage
+            ),
             augment_key=jax.random.key_data(streams.augment_key(self.config.seed)),
             nonfinite_step=-jnp.ones((), jnp.int32),
         )
@@ -115,9 +127,21 @@ class Trainer:
 
     def _step_metrics(self, phase: schedulers.Phase, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.augment_key), state.step)
-        images = data.augment(batch["image"], key, crop_padding=self.config.data.crop_padding, flip=self.info.flip)
-        images = data.normalize(images, self.info)
-        return schedulers.train_step(self.net, self.objective, self.optimizers, phase, state, images, batch["label"])
+        augmented = data.augment(batch["image"], key, crop_padding=self.config.data.crop_padding, flip=self.info.flip)
+        return schedulers.train_step(
+            self.net,
+            self.objective,
+            self.optimizers,
+            phase,
+            state,
+            data.normalize(augmented, self.info),
+            batch["label"],
+            # Unused by most objectives, and then removed by XLA.
+            pixels=augmented.astype(jnp.float32) / 255.0,
+            dropout_rate=self.config.train.get("stage_dropout", 0.0),
+            # Its own stream: the augmentation draws from `key` itself, as it did before dropout existed.
+            dropout_key=jax.random.fold_in(key, _DROPOUT_STREAM),
+        )
 
     def _train_step(
         self, phase: schedulers.Phase, state: TrainState, totals: dict, batch: dict

@@ -94,14 +94,28 @@ def abstract_model(**fields):
     return nnx.eval_shape(lambda: M.build_model(config(**fields), NUM_CLASSES, rngs()))
 
 
-def test_resnet110_in_k_modules_balanced_by_blocks():
-    for modules in (2, 4, 8, 16):
-        blocks = list(M.stage_sizes(config(name="resnet110", split="groups", num_groups=modules)))
-        assert len(blocks) == modules and sum(blocks) == 54
-        assert max(blocks) - min(blocks) <= 1 and blocks == sorted(blocks, reverse=True)  # earlier ones take extras
+def test_resnets_in_infopros_local_modules():
+    # Residual blocks per module, read off the cut points of InfoPro's networks/configs.py (the stem in module 1).
+    published = {
+        ("resnet32", 2): (7, 8),
+        ("resnet32", 3): (5, 5, 5),
+        ("resnet32", 4): (3, 4, 4, 4),
+        ("resnet32", 8): (1, 2, 2, 2, 2, 2, 2, 2),
+        ("resnet110", 2): (27, 27),
+        ("resnet110", 3): (18, 18, 18),
+        ("resnet110", 4): (12, 14, 14, 14),
+        ("resnet110", 8): (5, 7, 7, 7, 7, 7, 7, 7),
+        ("resnet110", 16): (2, 3, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4),
+    }
+    for (name, modules), blocks in published.items():
+        assert M.stage_sizes(config(name=name, split="groups", num_groups=modules)) == blocks, (name, modules)
     model = abstract_model(name="resnet110", split="groups", num_groups=4)
-    assert [len(units) for units in model.stage_units] == [14, 14, 13, 13]
+    assert [len(units) for units in model.stage_units] == [12, 14, 14, 14]
     assert model.stage_units[0][0] == "stem+block1_1" and model.stage_units[-1][-1] == "block3_18"
+    # Splits InfoPro does not publish are as even as possible, the earlier groups taking the extra units.
+    assert M.stage_sizes(config(name="resnet110", split="groups", num_groups=5)) == (11, 11, 11, 11, 10)
+    with pytest.raises(ValueError, match="stem alone"):
+        M.stage_sizes(config(name="resnet32", split="groups", num_groups=16))
 
 
 def test_stage_units_cover_the_network_in_order():
@@ -122,7 +136,7 @@ def test_block_boundaries():
     resnet20 = abstract_model(name="resnet20", split="block")
     assert resnet20.stage_units[0] == ("stem+block1_1",)
     resnet20_groups = abstract_model(name="resnet20", split="groups", num_groups=3)
-    # three even groups of a ResNet-20 are exactly its three resolutions
+    # three even groups of a ResNet-20 are exactly its three resolutions, as InfoPro's K = 3
     assert [units[0] for units in resnet20_groups.stage_units] == ["stem+block1_1", "block2_1", "block3_1"]
 
 
@@ -321,6 +335,56 @@ def test_conv_heads_pool_to_8x8_by_default():
     assert [h.pool for h in abstract_model(name="resnet20", head="conv", head_pool=0).heads] == [0] * 9
 
 
+def test_prediction_pool_follows_the_authors_rule():
+    # Kernels for VGG8b's blocks at --dim-in-decoder 2048, from the loop in anokland/local-loss's LocalLossBlockConv.
+    table = {(128, 32): (8, 8), (256, 32): (16, 8), (256, 16): (8, 4), (512, 16): (8, 8), (512, 8): (4, 4)}
+    table |= {(512, 4): (2, 2)}
+    for (channels, size), kernel in table.items():
+        assert M.layers.prediction_pool(channels, size, 2048) == (kernel, (0, 0))
+    # A size the kernel does not divide: the padding centres the last window.
+    assert M.layers.prediction_pool(4, 6, 24) == ((4, 2), (2, 0))
+
+
+def np_avg_pool_including_padding(x, kernel, padding):
+    """PyTorch's AvgPool2d(kernel, padding=padding) (stride = kernel, padded zeros counted), NHWC, in NumPy."""
+    (kh, kw), (ph, pw) = kernel, padding
+    x = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    out_h, out_w = (x.shape[1] - kh) // kh + 1, (x.shape[2] - kw) // kw + 1
+    out = np.zeros((x.shape[0], out_h, out_w, x.shape[3]))
+    for i in range(out_h):
+        for j in range(out_w):
+            out[:, i, j] = x[:, i * kh : (i + 1) * kh, j * kw : (j + 1) * kw].sum(axis=(1, 2)) / (kh * kw)
+    return out
+
+
+@pytest.mark.parametrize(("channels", "size", "max_features"), [(4, 6, 16), (8, 16, 32), (3, 4, 64)])
+def test_prediction_head_pools_as_the_authors_then_applies_a_zero_initialised_linear_layer(
+    channels, size, max_features
+):
+    head = M.PredictionHead(channels, size, NUM_CLASSES, max_features=max_features, rngs=rngs())
+    assert float(jnp.max(jnp.abs(head.linear.kernel[...]))) == 0.0
+    t = np.random.default_rng(3).normal(size=(BATCH, size, size, channels)).astype(np.float32)
+    np.testing.assert_allclose(head(jnp.asarray(t)), jnp.broadcast_to(head.linear.bias[...], (BATCH, NUM_CLASSES)))
+    head.linear.kernel[...] = jnp.asarray(np.random.default_rng(4).normal(size=head.linear.kernel.shape))
+    pooled = np_avg_pool_including_padding(t, head.kernel, head.padding)
+    assert pooled.shape[1] * pooled.shape[2] * channels <= max_features
+    expected = pooled.reshape(BATCH, -1) @ np.asarray(head.linear.kernel[...]) + np.asarray(head.linear.bias[...])
+    np.testing.assert_allclose(head(jnp.asarray(t)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_heads_carry_the_similarity_convolution():
+    model = M.build_model(config(name="small_cnn", head="prediction", head_extras=("similarity",)), NUM_CLASSES, rngs())
+    x = images()
+    features = model.features(x)
+    for k, (head, t) in enumerate(zip(model.heads, features, strict=True)):
+        assert isinstance(head, M.HeadWithExtras) and isinstance(head.classifier, M.PredictionHead)
+        logits, extras = head.outputs(t, t)
+        np.testing.assert_array_equal(logits, head(t))
+        assert extras["similarity"].shape == t.shape, k
+        assert head.extras["similarity"].bias is None
+    assert model(x).shape == (BATCH, NUM_CLASSES)
+
+
 def test_linear_head_is_default():
     model = M.build_model(ml_collections.ConfigDict({"name": "small_cnn", "width": WIDTH}), NUM_CLASSES, rngs())
     assert all(isinstance(h, M.LinearHead) for h in model.heads)
@@ -430,6 +494,9 @@ def test_split_merge_jax_jit():
         ({"name": "small_cnn", "head": "conv", "head_hidden": -1}, "-1", ">= 0"),
         ({"name": "small_cnn", "head": "conv", "head_pool": -2}, "-2", ">= 0"),
         ({"name": "small_cnn", "head": "conv", "head_width": -1}, "-1", ">= 0"),
+        ({"name": "small_cnn", "head_extras": ("reconstruction",)}, "reconstruction", "projection"),
+        ({"name": "small_cnn", "head_extras": "similarity"}, "'similarity'", "a tuple"),
+        ({"name": "small_cnn", "head": "prediction", "head_features": 0}, "0", ">= 1"),
     ],
 )
 def test_bad_config_raises(fields, bad, accepted):
@@ -516,3 +583,38 @@ def test_materialize_is_the_identity():
     poisoned = x.at[0, 0, 0, 0].set(jnp.nan)
     assert np.all(np.isnan(jax.jit(M.materialize)(poisoned)))  # the documented NaN branch, on CPU
     assert np.all(np.isnan(jax.jit(M.materialize)(x, jnp.full(3, jnp.nan))))
+
+
+def test_bilinear_matrix_aligns_corners():
+    np.testing.assert_allclose(
+        M.layers.bilinear_matrix(2, 4), [[1, 0], [2 / 3, 1 / 3], [1 / 3, 2 / 3], [0, 1]], rtol=1e-6, atol=1e-7
+    )
+    # Every row sums to 1; corners map to corners.
+    m = M.layers.bilinear_matrix(8, 32)
+    np.testing.assert_allclose(m.sum(axis=1), 1.0, rtol=1e-6)
+    assert m[0, 0] == 1.0 and m[-1, -1] == 1.0
+    np.testing.assert_array_equal(M.layers.bilinear_matrix(1, 4), [[1], [1], [1], [1]])
+
+
+def test_infopro_heads_follow_the_authors_widths_and_strides():
+    # ResNet-32's stages: 16 channels at 32×32, 32 at 16×16 and 64 at 8×8 → convolutions 32/s2, 64/s2, 64/s1.
+    model = abstract_model(name="resnet32", width=16, split="groups", num_groups=4, head="infopro")
+    model_extras = abstract_model(
+        name="resnet32", width=16, split="groups", num_groups=4, head="linear", head_extras=("decoder", "projection")
+    )
+    widths = [(h.conv.in_features, h.conv.out_features, h.conv.strides) for h in model.heads[:-1]]
+    assert widths == [(16, 32, (2, 2)), (32, 64, (2, 2)), (64, 64, (1, 1))]
+    assert isinstance(model.heads[-1], M.LinearHead)  # the last stage keeps the network's classifier
+    assert all(h.linear.out_features == NUM_CLASSES for h in model.heads[:-1])
+    for head in model_extras.heads[:-1]:
+        assert set(head.extras) == {"decoder", "projection"}
+        assert head.extras["projection"].linear.out_features == 128
+    assert isinstance(model_extras.heads[-1], M.LinearHead)
+
+
+def test_decoder_upsamples_to_the_image_and_outputs_probabilities():
+    decoder = M.Decoder(6, 32, rngs=rngs())
+    t = jax.random.normal(jax.random.key(2), (BATCH, 8, 8, 6))
+    y = decoder(t)
+    assert y.shape == (BATCH, 32, 32, 3)
+    assert float(jnp.min(y)) > 0 and float(jnp.max(y)) < 1

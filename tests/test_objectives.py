@@ -179,18 +179,70 @@ def np_similarity(x):
     return np.clip(xn @ xn.T, -1, 1)
 
 
-def test_predsim_matches_numpy():
+@pytest.mark.parametrize("similarity_conv", [True, False])
+def test_predsim_matches_numpy(similarity_conv):
     f, logits, y, s, x = batch(seed=6)
-    loss, terms = call(objectives.PredSim(beta=0.99), f, logits, y, s, x)
-    sim = np.mean((np_similarity(f) - np_similarity(np.eye(4)[y])) ** 2)
+    conv_output = np.random.default_rng(16).normal(size=f.shape)
+    objective = objectives.PredSim(beta=0.99, similarity_conv=similarity_conv)
+    loss, terms = objective(
+        jnp.asarray(f), jnp.asarray(logits), jnp.asarray(y), extras={"similarity": jnp.asarray(conv_output)}
+    )
+    compared = conv_output if similarity_conv else f
+    sim = np.mean((np_similarity(compared) - np_similarity(np.eye(4)[y])) ** 2)
     ce = np_cross_entropy(logits, y)
     assert float(terms["sim"]) == pytest.approx(sim, rel=1e-8)
-    assert float(loss) == pytest.approx(0.01 * ce + 0.99 * sim, rel=1e-8)
+    assert float(terms["ce"]) == pytest.approx(ce, rel=1e-8)
+    # The head learns from the whole CE (the scheduler scales it by 1 − β on its way into the stage).
+    assert float(loss) == pytest.approx(ce + 0.99 * sim, rel=1e-8)
+    assert objective.head_gradient == pytest.approx(0.01)
+    assert objective.head_extras == (("similarity",) if similarity_conv else ())
 
 
-def test_hsic_bottleneck_matches_the_trace_formula():
+def test_predsim_similarity_of_one_hot_labels_is_one_within_a_class_and_minus_one_over_c_minus_one_across():
+    labels = np.array([0, 1, 2, 3, 0])
+    s = np.asarray(objectives.similarity_matrix(jax.nn.one_hot(jnp.asarray(labels), 10)))
+    expected = np.where(labels[:, None] == labels[None, :], 1.0, -1.0 / 9.0)
+    np.testing.assert_allclose(s, expected, atol=1e-7)
+
+
+def test_predsim_needs_its_convolution_output():
+    f, logits, y, _, _ = batch(seed=6)
+    with pytest.raises(ValueError, match=r"head_extras=\('similarity',\)"):
+        objectives.PredSim()(jnp.asarray(f), jnp.asarray(logits), jnp.asarray(y))
+
+
+def np_normalized_hsic_factor(z, sigma, epsilon=1e-5):
+    """``kernelmat`` and the inverse of ``hsic_normalized_cca`` (choasma/HSIC-bottleneck), in float64."""
+    z = z.reshape(len(z), -1)
+    m, d = z.shape
+    sq = (z**2).sum(1)
+    distances = np.abs(sq[:, None] - 2 * z @ z.T + sq[None, :])
+    K = np.exp(-distances / (2.0 * sigma * sigma * d))
+    Kc = K @ (np.eye(m) - np.ones((m, m)) / m)
+    return Kc @ np.linalg.inv(Kc + epsilon * m * np.eye(m))
+
+
+def test_hsic_bottleneck_matches_the_authors_normalised_estimator():
+    f, logits, y, _, _ = batch(seed=17)
+    pixels = np.random.default_rng(18).uniform(size=(len(y), 8, 8, 3))
+    objective = objectives.HSICBottleneck(beta=500.0, sigma=5.0)
+    loss, terms = objective(jnp.asarray(f), jnp.asarray(logits), jnp.asarray(y), pixels=jnp.asarray(pixels))
+    r_t, r_x = np_normalized_hsic_factor(f, 5.0), np_normalized_hsic_factor(pixels, 5.0)
+    r_y = np_normalized_hsic_factor(np.eye(4)[y], 5.0)
+    hsic_x, hsic_y = np.sum(r_t * r_x.T), np.sum(r_t * r_y.T)
+    assert float(terms["hsic_x"]) == pytest.approx(hsic_x, rel=1e-8)
+    assert float(terms["hsic_y"]) == pytest.approx(hsic_y, rel=1e-8)
+    assert float(loss) == pytest.approx(np_cross_entropy(logits, y) + hsic_x - 500.0 * hsic_y, rel=1e-8)
+    # nHSIC(a, a) = tr(R²) counts the kernel's directions above εn: at most n, and about n for distinct samples.
+    assert 0 < hsic_y and 0 < hsic_x <= len(y)
+    assert objectives.HSICBottleneck.head_gradient == 0.0
+    with pytest.raises(ValueError, match="pixels"):
+        objective(jnp.asarray(f), jnp.asarray(logits), jnp.asarray(y))
+
+
+def test_unnormalized_hsic_matches_the_trace_formula():
     f, logits, y, s, x = batch(seed=7)
-    loss, terms = call(objectives.HSICBottleneck(lam=50.0, pool=3), f, logits, y, s, x)
+    loss, terms = call(objectives.UnnormalizedHSIC(lam=50.0, pool=3), f, logits, y, s, x)
     n = len(y)
     H = np.eye(n) - 1.0 / n
 
@@ -204,7 +256,7 @@ def test_hsic_bottleneck_matches_the_trace_formula():
     assert float(terms["hsic_x"]) == pytest.approx(hsic_x, rel=1e-8)
     assert float(terms["hsic_y"]) == pytest.approx(hsic_y, rel=1e-8)
     assert float(loss) == pytest.approx(np_cross_entropy(logits, y) + hsic_x - 50.0 * hsic_y, rel=1e-8)
-    assert not objectives.HSICBottleneck.head_trains_stage
+    assert objectives.UnnormalizedHSIC.head_gradient == 0.0
 
 
 def test_hsic_of_independent_kernels_is_near_zero_and_of_equal_ones_positive():
@@ -217,12 +269,23 @@ def test_hsic_of_independent_kernels_is_near_zero_and_of_equal_ones_positive():
 
 class TestRegistry:
     def test_every_objective_is_registered_by_name(self):
-        assert set(objectives.OBJECTIVES) == {"ce", "dib", "predsim", "hsic"}
+        assert set(objectives.OBJECTIVES) == {
+            "ce",
+            "dib",
+            "predsim",
+            "hsic",
+            "hsic_unnormalized",
+            "head_only",
+            "infopro",
+        }
         for name in objectives.OBJECTIVES:
             assert isinstance(objectives.make_objective(name), objectives.OBJECTIVES[name])
 
     def test_unknown_name_and_option_are_refused(self):
-        with pytest.raises(ValueError, match="unknown objective 'ib'; accepted: ce, dib, predsim, hsic"):
+        with pytest.raises(
+            ValueError,
+            match="unknown objective 'ib'; accepted: ce, dib, predsim, hsic, hsic_unnormalized, head_only, infopro",
+        ):
             objectives.make_objective("ib")
         with pytest.raises(ValueError, match=r"unknown option\(s\) \['lam'\] for objective 'dib'"):
             objectives.make_objective("dib", lam=1.0)
@@ -238,3 +301,82 @@ class TestRegistry:
         assert objectives.minimum_batch_size(objectives.DIB()) == 2
         assert objectives.minimum_batch_size(objectives.DIB(width="knn")) == 11
         assert objectives.minimum_batch_size(objectives.HSICBottleneck()) == 2
+        assert objectives.minimum_batch_size(objectives.UnnormalizedHSIC()) == 2
+
+
+def np_supcon(features, labels, temperature=0.07):
+    """SupConLoss of InfoPro's networks/losses.py (one view, contrast_mode='all', base_temperature 0.07)."""
+    z = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    n = len(labels)
+    mask = (labels[:, None] == labels[None, :]).astype(float)
+    scores = z @ z.T / temperature
+    logits = scores - scores.max(axis=1, keepdims=True)
+    logits_mask = 1.0 - np.eye(n)
+    mask = mask * logits_mask
+    log_prob = logits - np.log((np.exp(logits) * logits_mask).sum(1, keepdims=True))
+    mask_sum = mask.sum(1)
+    mask_sum[mask_sum == 0] += 1
+    return float(np.mean(-(mask * log_prob).sum(1) / mask_sum))
+
+
+def test_supervised_contrastive_loss_matches_the_authors_code():
+    rng = np.random.default_rng(20)
+    features = rng.normal(size=(12, 6))
+    labels = np.array([0, 0, 1, 1, 1, 2, 2, 3, 0, 1, 2, 4])  # class 3 and 4: anchors without a positive
+    got = objectives.supervised_contrastive_loss(jnp.asarray(features), jnp.asarray(labels))
+    assert float(got) == pytest.approx(np_supcon(features, labels), rel=1e-8)
+    # Tight clusters by label give a lower loss than the same points with the labels shuffled.
+    clustered = np.eye(6)[labels % 6] + 0.01 * rng.normal(size=(12, 6))
+    shuffled = rng.permutation(labels)
+    assert np_supcon(clustered, labels) < np_supcon(clustered, shuffled)
+    # A zero row (a projection whose ReLUs are all off) has the loss of the authors' code and a finite gradient.
+    features[3] = 0.0
+    loss = lambda f: objectives.supervised_contrastive_loss(f, jnp.asarray(labels))  # noqa: E731
+    assert float(loss(jnp.asarray(features))) == pytest.approx(np_supcon(features, labels), rel=1e-8)
+    assert bool(jnp.all(jnp.isfinite(jax.grad(loss)(jnp.asarray(features)))))
+
+
+def test_binary_cross_entropy_matches_pytorch_bce():
+    rng = np.random.default_rng(21)
+    p = rng.uniform(size=(4, 5, 5, 3))
+    p[0, 0, 0, 0], p[0, 0, 0, 1] = 0.0, 1.0  # log 0 clamped at −100, as BCELoss
+    t = rng.uniform(size=p.shape)
+    with np.errstate(divide="ignore"):
+        expected = -np.mean(t * np.maximum(np.log(p), -100) + (1 - t) * np.maximum(np.log(1 - p), -100))
+    assert float(objectives.binary_cross_entropy(jnp.asarray(p), jnp.asarray(t))) == pytest.approx(expected, rel=1e-8)
+    grad = jax.grad(lambda p: objectives.binary_cross_entropy(p, jnp.asarray(t)))(jnp.asarray(p))
+    assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_infopro_weights_interpolate_as_the_authors_code():
+    objective = objectives.InfoPro()  # ResNet-32, K = 4: λ1 6 → 1, λ2 0 → 2 over modules 0 .. K − 2
+    assert [objective.weights(k, 4) for k in range(4)] == [(6.0, 0.0), (3.5, 1.0), (1.0, 2.0), (0.0, 0.0)]
+    assert objective.weights(0, 2) == (6.0, 0.0)  # K = 2: ratio 0
+    assert isinstance(objective.for_stage(3, 4), objectives.CrossEntropy)
+    assert objective.for_stage(1, 4) == objectives.InfoProStage("contrast", 3.5, 1.0)
+
+
+@pytest.mark.parametrize("task", ["softmax", "contrast"])
+def test_infopro_stage_loss_matches_numpy(task):
+    f, logits, y, _, _ = batch(seed=22)
+    rng = np.random.default_rng(23)
+    pixels = rng.uniform(size=(len(y), 8, 8, 3))
+    reconstruction = rng.uniform(0.01, 0.99, size=pixels.shape)
+    projection = rng.normal(size=(len(y), 16))
+    extras = {"decoder": jnp.asarray(reconstruction), "projection": jnp.asarray(projection)}
+    stage = objectives.InfoPro(task=task).for_stage(1, 4)
+    loss, terms = stage(jnp.asarray(f), jnp.asarray(logits), jnp.asarray(y), extras=extras, pixels=jnp.asarray(pixels))
+    recon = -np.mean(pixels * np.log(reconstruction) + (1 - pixels) * np.log(1 - reconstruction))
+    ce = np_cross_entropy(logits, y)
+    assert float(terms["recon"]) == pytest.approx(recon, rel=1e-8)
+    if task == "softmax":
+        assert float(loss) == pytest.approx(3.5 * recon + 1.0 * ce, rel=1e-8)
+        assert stage.head_gradient == 1.0
+    else:
+        supcon = np_supcon(projection, y)
+        assert float(terms["contrast"]) == pytest.approx(supcon, rel=1e-8)
+        # The probe's CE is in the loss but reaches only the probe (head_gradient 0).
+        assert float(loss) == pytest.approx(3.5 * recon + 1.0 * supcon + ce, rel=1e-8)
+        assert stage.head_gradient == 0.0
+    with pytest.raises(ValueError, match="pixels"):
+        stage(jnp.asarray(f), jnp.asarray(logits), jnp.asarray(y), extras=extras)

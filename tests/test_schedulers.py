@@ -30,14 +30,16 @@ def tiny_batch(seed=0, n=16):
     return x, labels
 
 
-def initial_state(net, scheduler, optimizer):
+def initial_state(net, scheduler, optimizer, stages_trained=True):
     groups = schedulers.num_groups(scheduler, net.num_stages)
     params = net.initial_params
     return schedulers.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=net.initial_batch_stats,
-        opt_states=schedulers.init_optimizer_states(scheduler, [optimizer] * groups, params),
+        opt_states=schedulers.init_optimizer_states(
+            scheduler, [optimizer] * groups, params, stages_trained=stages_trained
+        ),
         augment_key=jax.random.key_data(jax.random.key(0)),
         nonfinite_step=-jnp.ones((), jnp.int32),
     )
@@ -120,7 +122,7 @@ def test_end_to_end_gradient_reaches_every_stage_and_only_the_last_head(net):
 def test_hsic_head_cross_entropy_does_not_reach_the_stage(net):
     x, labels = tiny_batch(3)
     phase = schedulers.Phase("sequential", 1, 1)
-    hsic_free = objectives.HSICBottleneck(lam=0.0)  # what is left: HSIC(T, X) and the head's CE
+    hsic_free = objectives.UnnormalizedHSIC(lam=0.0)  # what is left: HSIC(T, X) and the head's CE
 
     def ce_only(trainable):
         _, (outputs, _) = schedulers.phase_loss(
@@ -171,6 +173,97 @@ def test_simultaneous_training_updates_every_stage_with_its_own_optimizer_state(
         assert not leaves_equal(state.params["stages"][j], new_state.params["stages"][j])
         assert not leaves_equal(state.opt_states[j], new_state.opt_states[j])
     assert bool(jnp.all(metrics["grad_norm"] > 0))
+
+
+def test_head_only_training_keeps_the_stages_as_initialised(net):
+    # Weight decay and momentum would move a stage whose gradient is zero: the stages must not be in any group.
+    optimizer = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+    state = initial_state(net, "simultaneous", optimizer, stages_trained=False)
+    phase = schedulers.Phase("simultaneous", None, 1)
+    head_only = objectives.HeadOnly()
+    step = jax.jit(lambda s, x, y: schedulers.train_step(net, head_only, [optimizer] * NUM_STAGES, phase, s, x, y))
+    new_state, metrics = step(state, *tiny_batch(6))
+    new_state, metrics = step(new_state, *tiny_batch(7))
+    for j in range(NUM_STAGES):
+        assert leaves_equal(state.params["stages"][j], new_state.params["stages"][j])
+        assert not leaves_equal(state.params["heads"][j], new_state.params["heads"][j])
+        # The stages' BatchNorm statistics follow the data, so their inference mode matches what the heads saw.
+        assert not leaves_equal(state.batch_stats["stages"][j], new_state.batch_stats["stages"][j])
+    assert float(jnp.max(metrics["grad_norm"])) == 0.0
+    assert bool(jnp.all(metrics["correct"] >= 0)) and bool(jnp.all(metrics["ce"] > 0))
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.25, 1.0])
+def test_scale_gradient_keeps_the_value_and_scales_the_gradient(factor):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(7,)), jnp.float32)
+    np.testing.assert_array_equal(schedulers.scale_gradient(x, factor), x)
+    grad = jax.grad(lambda x: jnp.sum(jnp.sin(schedulers.scale_gradient(x, factor))))(x)
+    np.testing.assert_allclose(grad, factor * jnp.cos(x), rtol=1e-6)
+
+
+def test_predsim_gradients_are_those_its_authors_adam_gives():
+    """Stage: (1 − β)∇CE + β∇sim; head classifier: ∇CE; similarity convolution: β∇sim (PredSim's docstring)."""
+    config = {"name": "small_cnn", "width": 4, "split": "layer", "head": "prediction", "image_size": 16}
+    config |= {"head_features": 8, "head_extras": ("similarity",)}
+    net = schedulers.FunctionalModel(models.build_model(config, 5, nnx.Rngs(1, params=jax.random.key(1, impl="rbg"))))
+    beta = 0.75
+    objective = objectives.PredSim(beta=beta)
+    x, labels = tiny_batch(8)
+    params, stats = net.initial_params, net.initial_batch_stats
+    # The classifier's weights start at zero, which would hide the CE's path into the stage: move them.
+    kernel = params["heads"][1]["classifier"]["linear"]["kernel"]
+    kernel[...] = jnp.asarray(np.random.default_rng(0).normal(size=kernel.shape), jnp.float32)
+    phase = schedulers.Phase("sequential", 1, 1)
+    trainable = {0: schedulers.select(params, [1], [1])}
+    grads = jax.grad(lambda t: schedulers.phase_loss(net, objective, phase, t, params, stats, x, labels)[0])(trainable)
+
+    h = jax.lax.stop_gradient(net.frozen_forward(0, params, stats, x))
+    target = objectives.similarity_matrix(jax.nn.one_hot(labels, 5))
+
+    def parts(stage_params, head_params):
+        t, _ = net.apply("stages", 1, {**params, "stages": [params["stages"][0], stage_params]}, stats, h, train=True)
+        head = nnx.merge(net.train_defs["heads"][1], head_params, stats["heads"][1], copy=True)
+        ce = jnp.mean(objectives.cross_entropy(head.classifier(t), labels))
+        sim = jnp.mean((objectives.similarity_matrix(head.extras["similarity"](t)) - target) ** 2)
+        return ce, sim
+
+    def stage_loss(stage_params):
+        ce, sim = parts(stage_params, params["heads"][1])
+        return (1 - beta) * ce + beta * sim
+
+    def head_loss(head_params):
+        ce, sim = parts(params["stages"][1], head_params)
+        return ce + beta * sim
+
+    expected_stage = jax.grad(stage_loss)(params["stages"][1])
+    expected_head = jax.grad(head_loss)(params["heads"][1])
+    for got, expected in ((grads[0]["stages"][1], expected_stage), (grads[0]["heads"][1], expected_head)):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7)
+    # Both parts reach the stage: neither alone gives its gradient.
+    only_sim = jax.grad(lambda p: beta * parts(p, params["heads"][1])[1])(params["stages"][1])
+    assert global_norm(jax.tree.map(jnp.subtract, expected_stage, only_sim)) > 1e-3 * global_norm(only_sim)
+
+
+def test_channel_dropout_drops_whole_channels_and_keeps_the_mean():
+    x = jnp.ones((64, 3, 3, 16), jnp.float32)
+    y = np.asarray(schedulers.channel_dropout(x, 0.25, jax.random.key(0)))
+    assert set(np.unique(y)) == {0.0, np.float32(1 / 0.75)}
+    assert (y == y[:, :1, :1, :]).all()  # one draw per sample and channel
+    assert abs(float((y[:, 0, 0, :] == 0).mean()) - 0.25) < 0.05
+    np.testing.assert_array_equal(schedulers.channel_dropout(x, 0.0, jax.random.key(0)), x)
+
+
+def test_dropout_reaches_the_next_stage_but_not_the_objective(net):
+    x, labels = tiny_batch(9)
+    phase = schedulers.Phase("simultaneous", None, 1)
+    params, stats = net.initial_params, net.initial_batch_stats
+    run = functools.partial(schedulers.phase_loss, net, objectives.CrossEntropy(), phase, {}, params, stats, x, labels)
+    _, (plain, _) = run()
+    _, (dropped, _) = run(dropout_rate=0.5, dropout_key=jax.random.key(3))
+    # The first stage sees the images as they are; later stages see their input with channels dropped.
+    np.testing.assert_array_equal(plain[0]["logits"], dropped[0]["logits"])
+    assert not np.array_equal(plain[1]["logits"], dropped[1]["logits"])
 
 
 def test_single_stage_sequential_ce_equals_end_to_end():

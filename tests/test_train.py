@@ -22,6 +22,7 @@ RECORD_KEYS = {
     "seconds",
     "learning_rate",
     "phase_epoch",
+    "format_phase",
     "elapsed_seconds",
     "train_step_bytes",
 }
@@ -136,10 +137,17 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_da
         ("optimizer.lr_schedule", "linear", r"unknown optimizer.lr_schedule 'linear'; accepted: cosine, multistep"),
         ("train.batch_size", 0, r"train.batch_size must be a positive integer, got 0"),
         ("seed", -1, r"seed must be a non-negative integer, got -1"),
-        ("objective.name", "ib", r"unknown objective 'ib'; accepted: ce, dib, predsim, hsic"),
+        (
+            "objective.name",
+            "ib",
+            r"unknown objective 'ib'; accepted: ce, dib, predsim, hsic, hsic_unnormalized, head_only, infopro",
+        ),
         ("objective.dib.compression", "mutual", r"unknown compression 'mutual'"),
         ("model.dtype", "float16", r"unknown model.dtype 'float16'; accepted: float32, bfloat16"),
         ("train.stage_epochs", (1, 2), r"stage_epochs=\(1, 2\) has 2 entries; the model has 4 stages"),
+        ("optimizer.name", "lamb", r"unknown optimizer.name 'lamb'; accepted: sgd, adam"),
+        ("train.stage_dropout", 1.0, r"train.stage_dropout must be a number in \[0, 1\), got 1.0"),
+        ("objective.name", "predsim", r"objective 'predsim' needs model.head_extras to include \('similarity',\)"),
     ],
 )
 def test_unknown_names_are_refused_before_any_work(tmp_path, field, value, message):
@@ -164,7 +172,7 @@ def test_config_variants(dataset):
     for method, (scheduler, objective) in config_lib.METHOD_RECIPES.items():
         config = config_lib.get_config(dataset, f"cpu,{method}")
         assert (config.scheduler, config.objective.name, config.method) == (scheduler, objective, method)
-        assert config.model.head == ("linear" if method == "sgd" else "conv")
+        assert config.model.head == {"sgd": "linear", "predsim": "prediction", "infopro": "linear"}.get(method, "conv")
     default = config_lib.get_config(dataset)
     assert (default.method, default.scheduler, default.objective.name) == ("greedy_dib", "sequential", "dib")
     assert default.model.name == "vgg11" and default.model.split == "layer"
@@ -195,6 +203,35 @@ def test_greedy_run_records_every_term_and_resumes_inside_a_stage(tiny_data, tmp
     resumed = interrupted_then_resumed(config, tmp_path / "resumed", monkeypatch)
     jax.tree.map(np.testing.assert_array_equal, final_state(tmp_path / "straight"), final_state(tmp_path / "resumed"))
     assert resumed["stage_accuracies"] == straight["stage_accuracies"]
+
+
+def test_format_phase_trains_the_heads_after_the_stages(tiny_data, tmp_path):
+    overrides = {"model.split": "groups", "model.num_groups": 2, "train.num_epochs": 1, "train.format_epochs": 1}
+    summary = train.train_and_evaluate(smoke_config(tiny_data, "hsic", **overrides), tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"], r["phase_epoch"], r["format_phase"]) for r in records] == [
+        (1, 1, 1, False),
+        (2, 1, 1, False),
+        (1, 2, 1, True),
+        (2, 2, 1, True),
+    ]
+    assert all(set(r) == RECORD_KEYS | {"grad_norm", "ce", "hsic_x", "hsic_y"} for r in records[:2])
+    # The format phase trains the heads alone: its loss is their CE and no gradient reaches a stage.
+    assert all(set(r) == RECORD_KEYS | {"grad_norm", "ce"} and r["grad_norm"] == 0.0 for r in records[2:])
+    assert all(r["learning_rate"] > 0 for r in records)
+    assert summary["stage_accuracies"] == [r["test_accuracy"] for r in records[2:]]
+    assert summary["phase_peak_bytes"] == [records[1]["train_step_bytes"], records[3]["train_step_bytes"]]
+
+
+def test_infopro_run_records_its_terms_per_module(tiny_data, tmp_path):
+    overrides = {"model.split": "groups", "model.num_groups": 3, "train.num_epochs": 1}
+    train.train_and_evaluate(smoke_config(tiny_data, "infopro", **overrides), tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [1, 2, 3]
+    for r in records[:2]:
+        assert np.isfinite(r["train_loss"]) and r["recon"] > 0 and r["contrast"] > 0 and r["grad_norm"] > 0
+    # The last module learns the classifier's CE alone.
+    assert records[2]["recon"] == records[2]["contrast"] == 0.0 and records[2]["train_loss"] == records[2]["ce"]
 
 
 def test_batch_too_small_for_the_estimator_is_refused(tiny_data, tmp_path):

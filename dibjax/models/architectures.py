@@ -16,11 +16,13 @@ from dibjax.models.layers import BasicBlock, ConvUnit
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """One smallest trainable unit: its layers, applied in order, and the channels of its output."""
+    """One smallest trainable unit: its layers, applied in order, the channels of its output and how many times
+    smaller its output map is than the network's input (``out_stride``, 2 after one 2×2 max-pool)."""
 
     name: str
     layers: tuple[nnx.Module, ...]
     out_features: int
+    out_stride: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +45,7 @@ def small_cnn(width: int, *, batchnorm: bool, dtype=None, rngs: nnx.Rngs) -> Arc
     units, in_features = [], 3
     for i, mult in enumerate((1, 2, 4, 8)):
         unit = ConvUnit(in_features, mult * width, pool=True, batchnorm=batchnorm, dtype=dtype, rngs=rngs)
-        units.append(Unit(f"conv{i + 1}+pool", (unit,), mult * width))
+        units.append(Unit(f"conv{i + 1}+pool", (unit,), mult * width, out_stride=2 ** (i + 1)))
         in_features = mult * width
     return Architecture(tuple(units), BLOCK_SIZES["small_cnn"])
 
@@ -73,7 +75,8 @@ def vgg(name: str, width: int, *, batchnorm: bool, dtype=None, rngs: nnx.Rngs) -
         for c in range(n_convs):
             pool = c == n_convs - 1
             unit = ConvUnit(in_features, mult * width, pool=pool, batchnorm=batchnorm, dtype=dtype, rngs=rngs)
-            units.append(Unit(f"conv{b + 1}_{c + 1}" + ("+pool" if pool else ""), (unit,), mult * width))
+            label = f"conv{b + 1}_{c + 1}" + ("+pool" if pool else "")
+            units.append(Unit(label, (unit,), mult * width, out_stride=2 ** (b + 1 if pool else b)))
             in_features = mult * width
     return Architecture(tuple(units), BLOCK_SIZES[name])
 
@@ -117,11 +120,52 @@ def resnet(name: str, width: int, *, batchnorm: bool, dtype=None, rngs: nnx.Rngs
             )
             label = f"block{g + 1}_{b + 1}"
             if not units:
-                units.append(Unit(f"stem+{label}", (stem, block), out_features))
+                units.append(Unit(f"stem+{label}", (stem, block), out_features, out_stride=2**g))
             else:
-                units.append(Unit(label, (block,), out_features))
+                units.append(Unit(label, (block,), out_features, out_stride=2**g))
             in_features = out_features
     return Architecture(tuple(units), BLOCK_SIZES[name])
+
+
+# Where InfoPro's K local modules of its CIFAR ResNets end (Wang et al., ICLR 2021; blackfeather-wang/InfoPro-Pytorch,
+# networks/configs.py, the table `InfoPro`): [group, block] is a cut after block `block` (from 0) of residual group
+# `group` (from 1); group 0 is the stem alone.
+INFOPRO_CUTS = {
+    "resnet32": {
+        2: [[2, 1]],
+        3: [[1, 4], [2, 4]],
+        4: [[1, 2], [2, 1], [3, 0]],
+        8: [[1, 0], [1, 2], [1, 4], [2, 1], [2, 3], [3, 0], [3, 2]],
+        16: [[0, 0], [1, 0], [1, 1], [1, 2], [1, 3], [1, 4], [2, 0], [2, 1], [2, 2], [2, 3], [2, 4], [3, 0], [3, 1]]
+        + [[3, 2], [3, 3]],
+    },
+    "resnet110": {
+        2: [[2, 8]],
+        3: [[1, 17], [2, 17]],
+        4: [[1, 11], [2, 7], [3, 3]],
+        8: [[1, 4], [1, 11], [2, 0], [2, 7], [2, 14], [3, 3], [3, 10]],
+        16: [[1, 1], [1, 4], [1, 7], [1, 10], [1, 13], [1, 16], [2, 1], [2, 4], [2, 7], [2, 11], [2, 15], [3, 1]]
+        + [[3, 5], [3, 9], [3, 13]],
+    },
+}
+
+
+def infopro_module_sizes(name: str, num_modules: int) -> tuple[int, ...] | None:
+    """Residual blocks in each of InfoPro's ``num_modules`` local modules of ``name`` (the stem goes with the first
+    block), or ``None`` where InfoPro publishes no split. Raises ``ValueError`` for a split whose first module
+    is the stem alone (ResNet-32 in 16 modules): here the stem is part of the first block's unit."""
+    cuts = INFOPRO_CUTS.get(name, {}).get(num_modules)
+    if cuts is None:
+        return None
+    blocks_per_group = RESNET_LAYOUTS[name][0]
+    ends = [sum(blocks_per_group[: group - 1]) + block + 1 if group else 0 for group, block in cuts]
+    sizes = tuple(b - a for a, b in zip([0, *ends], [*ends, sum(blocks_per_group)], strict=True))
+    if sizes[0] == 0:
+        raise ValueError(
+            f"InfoPro's {num_modules} modules of {name} start with the stem alone, which this package cannot cut "
+            "off (the stem belongs to the first residual block's unit)"
+        )
+    return sizes
 
 
 # The natural blocks of every network, as unit counts; their sum is the number of units (stages for split="layer").

@@ -12,12 +12,28 @@ from flax import nnx
 
 from dibjax.errors import ConfigError
 from dibjax.models import architectures
-from dibjax.models.layers import Chain, ConvHead, LinearHead
+from dibjax.models.layers import (
+    Chain,
+    ConvHead,
+    Decoder,
+    HeadWithExtras,
+    InfoProHead,
+    LinearHead,
+    PredictionHead,
+    conv3x3,
+)
 from dibjax.models.staged import StagedModel, split_balanced, split_evenly
 
 MODELS = ("small_cnn", "vgg11", "vgg13", "vgg16", "resnet18", "resnet20", "resnet32", "resnet56", "resnet110")
 SPLITS = ("layer", "block", "groups", "activations")
-HEADS = ("linear", "conv")
+HEADS = ("linear", "conv", "prediction", "infopro")
+# Modules a head may carry beside its classifier, for objectives that need them (HeadWithExtras):
+# "similarity": the 3×3 convolution (stage channels to stage channels, no bias) before predsim's similarity matrix;
+# "decoder": InfoPro's decoder; "projection": InfoPro's auxiliary network with 128 outputs, for its contrastive loss.
+HEAD_EXTRAS = ("similarity", "decoder", "projection")
+# InfoPro's modules, which its last stage, trained by the network's own classifier alone, does not have.
+_INFOPRO_EXTRAS = ("decoder", "projection")
+INFOPRO_FEATURES = 128
 # Dtypes the layers may compute in; the parameters are float32 whatever this is.
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -45,6 +61,9 @@ DEFAULTS = {
     "head_width": 128,
     "head_hidden": 0,
     "head_pool": 8,
+    "head_features": 2048,
+    "head_extras": (),
+    "image_size": 32,
     "dtype": "float32",
 }
 
@@ -96,7 +115,11 @@ def stage_sizes(config: Any) -> tuple[int, ...]:
         raise ConfigError(f"split={split!r} needs num_groups, an int between 1 and {num_units} for {name}")
     if split == "activations":
         return split_balanced(architectures.unit_activation_sizes(name), num_groups)
-    return split_evenly(num_units, num_groups)
+    try:
+        published = architectures.infopro_module_sizes(name, num_groups)
+    except ValueError as error:
+        raise ConfigError(f"split='groups' with num_groups={num_groups}: {error}") from None
+    return published if published is not None else split_evenly(num_units, num_groups)
 
 
 def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedModel:
@@ -112,9 +135,10 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
           residual block for the ResNets, whose smallest unit is a residual block so that ``"layer"`` and
           ``"block"`` coincide. ``"block"`` gives one stage per VGG pooling block (the convolutions between two
           max-pools), per residual block for the ResNets (the stem convolution in the first stage) and per conv
-          unit for the small CNN. ``"groups"`` cuts the ``"layer"`` units into ``num_groups`` contiguous groups
-          as evenly as possible, the earlier groups taking the extra units (:func:`split_evenly`), as InfoPro
-          (Wang et al., ICLR 2021) cuts its local modules. ``"activations"`` cuts them into ``num_groups``
+          unit for the small CNN. ``"groups"`` cuts the ``"layer"`` units into ``num_groups`` contiguous groups:
+          for ResNet-32 and ResNet-110 in 2, 3, 4, 8 or 16 groups, InfoPro's local modules (Wang et al., ICLR 2021;
+          :data:`~dibjax.models.architectures.INFOPRO_CUTS`), otherwise as evenly as possible, the earlier groups
+          taking the extra units (:func:`split_evenly`). ``"activations"`` cuts them into ``num_groups``
           contiguous groups balanced by the activations their units compute
           (:func:`~dibjax.models.architectures.unit_activation_sizes`, :func:`split_balanced`): the stage that
           needs the most memory needs as little as a contiguous split allows.
@@ -133,6 +157,18 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
           hidden layer (0: none) and the largest map it convolves (8: stages with larger maps are average-pooled to
           8×8 first, so that a head on an early, high-resolution stage needs no more memory than the stage; 0: the
           stage's own map, whatever its size).
+        - ``head="prediction"`` is the prediction head of Nøkland & Eidnes (2019),
+          :class:`~dibjax.models.layers.PredictionHead`: average pooling to at most ``head_features`` (2048) values,
+          then a linear layer whose weights start at zero; its pool is set for the stage's map at ``image_size``.
+        - ``head="infopro"``: InfoPro's auxiliary network ``1c2f``
+          (:class:`~dibjax.models.layers.InfoProHead`) on every stage but the last, whose head is the network's own
+          linear classifier, as in InfoPro (Wang et al., ICLR 2021).
+        - ``head_extras`` (``()``): modules the heads carry beside their classifier, for the objectives that use
+          them (:class:`~dibjax.models.layers.HeadWithExtras`): ``"similarity"`` is the 3×3 convolution (as many
+          channels as the stage, no bias) through which ``predsim`` passes the stage output before its similarity
+          matrix; ``"decoder"`` (:class:`~dibjax.models.layers.Decoder`) and ``"projection"`` (an
+          :class:`~dibjax.models.layers.InfoProHead` with 128 outputs) are InfoPro's, on every stage but the last.
+        - ``image_size`` (32): the side of the input images, read by heads that depend on their stage's map size.
         - ``dtype`` (``"float32"``): the dtype the layers compute in, one of :data:`COMPUTE_DTYPES`. With
           ``"bfloat16"`` (mixed precision) convolutions and matmuls take bfloat16 operands and accumulate in
           float32, while the parameters, BatchNorm's statistics and the optimizer stay float32; stage outputs and
@@ -158,6 +194,12 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
     head_width = _check_int("head_width", _field(config, "head_width"), 0)
     head_hidden = _check_int("head_hidden", _field(config, "head_hidden"), 0)
     head_pool = _check_int("head_pool", _field(config, "head_pool"), 0)
+    head_features = _check_int("head_features", _field(config, "head_features"), 1)
+    head_extras = _field(config, "head_extras")
+    if isinstance(head_extras, str) or any(extra not in HEAD_EXTRAS for extra in head_extras):
+        raise ConfigError(f"unknown head_extras {head_extras!r}; expected a tuple of names from {HEAD_EXTRAS}")
+    head_extras = tuple(head_extras)
+    image_size = _check_int("image_size", _field(config, "image_size"), 1)
     dtype = jnp.dtype(_check_choice("dtype", _field(config, "dtype"), COMPUTE_DTYPES))
     num_classes = _check_int("num_classes", num_classes, 1)
     if isinstance(rngs, int):
@@ -177,21 +219,51 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
             stage_units.append(tuple(unit.name for unit in units))
             unit_layers.append(tuple(len(unit.layers) for unit in units))
             out_features = units[-1].out_features
-            if head == "linear":
-                heads.append(LinearHead(out_features, num_classes, dtype=dtype, rngs=rngs))
-            else:
-                heads.append(
-                    ConvHead(
-                        out_features,
-                        num_classes,
-                        width=head_width or out_features,
-                        hidden=head_hidden,
-                        pool=head_pool,
-                        batchnorm=batchnorm,
-                        dtype=dtype,
-                        rngs=rngs,
-                    )
+            out_size = max(image_size // units[-1].out_stride, 1)
+            last = len(stages) == len(sizes)
+            if head == "linear" or (head == "infopro" and last):
+                classifier = LinearHead(out_features, num_classes, dtype=dtype, rngs=rngs)
+            elif head == "infopro":
+                classifier = InfoProHead(
+                    out_features,
+                    out_size,
+                    num_classes,
+                    hidden=INFOPRO_FEATURES,
+                    batchnorm=batchnorm,
+                    dtype=dtype,
+                    rngs=rngs,
                 )
+            elif head == "prediction":
+                classifier = PredictionHead(
+                    out_features, out_size, num_classes, max_features=head_features, dtype=dtype, rngs=rngs
+                )
+            else:
+                classifier = ConvHead(
+                    out_features,
+                    num_classes,
+                    width=head_width or out_features,
+                    hidden=head_hidden,
+                    pool=head_pool,
+                    batchnorm=batchnorm,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+            extras = {}
+            if "similarity" in head_extras:
+                extras["similarity"] = conv3x3(out_features, out_features, use_bias=False, dtype=dtype, rngs=rngs)
+            if "decoder" in head_extras and not last:
+                extras["decoder"] = Decoder(out_features, image_size, batchnorm=batchnorm, dtype=dtype, rngs=rngs)
+            if "projection" in head_extras and not last:
+                extras["projection"] = InfoProHead(
+                    out_features,
+                    out_size,
+                    INFOPRO_FEATURES,
+                    hidden=INFOPRO_FEATURES,
+                    batchnorm=batchnorm,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+            heads.append(HeadWithExtras(classifier, extras) if extras else classifier)
         return StagedModel(stages, heads, stage_units=stage_units, unit_layers=unit_layers)
 
     # Initialised as one program compiled without LLVM's optimisations: built eagerly, every initialiser of every
@@ -201,7 +273,8 @@ def build_model(config: Any, num_classes: int, rngs: nnx.Rngs | int) -> StagedMo
     leaves = jax.tree.leaves(rngs_state)
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         return construct(rngs)  # inside a transformation (nnx.eval_shape, jit): traced there
-    key = (name, tuple(sizes), head, width, batchnorm, head_width, head_hidden, head_pool, str(dtype), num_classes)
+    key = (name, tuple(sizes), head, width, batchnorm, head_width, head_hidden, head_pool, head_features, head_extras)
+    key += (image_size, str(dtype), num_classes)
     key += (rngs_def,)
     key += tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves)
     if key not in _INITIALISERS:

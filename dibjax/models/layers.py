@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # PyTorch's BatchNorm momentum of 0.1 in Flax's convention. Flax's default of 0.99 makes the running statistics
@@ -358,6 +359,157 @@ class ConvHead(nnx.Module):
         if self.hidden is not None:
             y = nnx.relu(self.hidden(y))
         return self.linear(y)
+
+
+def prediction_pool(channels: int, size: int, max_features: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Kernel and padding of the average pool before the prediction head of Nøkland & Eidnes (2019).
+
+    The rule of the authors' code (anokland/local-loss, ``LocalLossBlockConv``): starting from 1×1, the kernel's
+    height and then its width are doubled in turn until ``channels × H' × W' <= max_features`` (or the kernel's
+    height reaches ``size``), with ``H' = ceil(size / kernel)``; the padding centres the last window. The stride
+    equals the kernel, and padded cells count as zeros in the average (PyTorch's ``count_include_pad``).
+    """
+    ks_h = ks_w = 1
+    out_h = out_w = size
+    while channels * out_h * out_w > max_features and ks_h < size:
+        ks_h *= 2
+        out_h = math.ceil(size / ks_h)
+        if channels * out_h * out_w > max_features:
+            ks_w *= 2
+            out_w = math.ceil(size / ks_w)
+    pad = ((ks_h * (out_h - size // ks_h)) // 2, (ks_w * (out_w - size // ks_w)) // 2)
+    return (ks_h, ks_w), pad
+
+
+def _pooled_size(size: int, kernel: int, pad: int) -> int:
+    return (size + 2 * pad - kernel) // kernel + 1
+
+
+class PredictionHead(nnx.Module):
+    """The prediction head of Nøkland & Eidnes, "Training Neural Networks with Local Error Signals" (ICML 2019):
+    average pool (:func:`prediction_pool`) to at most ``max_features`` values per sample → flatten → linear, whose
+    weights start at zero as in the authors' code.
+
+    The pool depends on the stage's map, so the head is built for one ``in_size`` × ``in_size`` input.
+    """
+
+    def __init__(
+        self, in_features: int, in_size: int, num_classes: int, *, max_features: int = 2048, dtype=None, rngs: nnx.Rngs
+    ):
+        self.kernel, self.padding = prediction_pool(in_features, in_size, max_features)
+        out = [_pooled_size(in_size, k, p) for k, p in zip(self.kernel, self.padding, strict=True)]
+        self.linear = nnx.Linear(
+            in_features * out[0] * out[1], num_classes, kernel_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs
+        )
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        (kh, kw), (ph, pw) = self.kernel, self.padding
+        if (kh, kw) != (1, 1):
+            summed = jax.lax.reduce_window(
+                t,
+                jnp.zeros((), t.dtype),
+                jax.lax.add,
+                (1, kh, kw, 1),
+                (1, kh, kw, 1),
+                ((0, 0), (ph, ph), (pw, pw), (0, 0)),
+            )
+            t = summed / (kh * kw)
+        return self.linear(t.reshape(t.shape[0], -1))
+
+
+class InfoProHead(nnx.Module):
+    """The auxiliary network ``1c2f`` of InfoPro (Wang et al., "Revisiting Locally Supervised Learning: an
+    Alternative to End-to-end Training", ICLR 2021; blackfeather-wang/InfoPro-Pytorch, ``AuxClassifier``):
+    conv 3×3 (no bias) → BatchNorm → ReLU → global average pool → Linear(``hidden``) → ReLU → Linear(``out``).
+
+    The convolution doubles the channels with stride 2 on maps larger than 8×8 and keeps them with stride 1
+    otherwise, which is the authors' rule for the 16-, 32- and 64-channel stages of their CIFAR ResNets (at 32×32,
+    16×16 and 8×8). ``out`` is the number of classes (``cross_entropy`` mode) or the contrastive feature size.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        in_size: int,
+        out_features: int,
+        *,
+        hidden: int = 128,
+        batchnorm: bool = True,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        stride = 2 if in_size > 8 else 1
+        width = in_features * stride
+        self.conv = conv3x3(in_features, width, stride=stride, use_bias=not batchnorm, dtype=dtype, rngs=rngs)
+        self.bn = batch_norm(width, rngs, dtype) if batchnorm else None
+        self.hidden = nnx.Linear(width, hidden, dtype=dtype, rngs=rngs)
+        self.linear = nnx.Linear(hidden, out_features, dtype=dtype, rngs=rngs)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        y = self.conv(t)
+        if self.bn is not None:
+            y = self.bn(y)
+        y = global_avg_pool(nnx.relu(y))
+        return self.linear(nnx.relu(self.hidden(y)))
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """The ``(out_size, in_size)`` matrix of 1-D bilinear interpolation with aligned corners (PyTorch's
+    ``interpolate(mode="bilinear", align_corners=True)``): output ``i`` samples the input at
+    ``i (in_size − 1) / (out_size − 1)``."""
+    matrix = np.zeros((out_size, in_size), np.float32)
+    if in_size == 1 or out_size == 1:
+        matrix[:, 0] = 1.0
+        return matrix
+    positions = np.arange(out_size) * (in_size - 1) / (out_size - 1)
+    low = np.minimum(np.floor(positions).astype(int), in_size - 2)
+    frac = positions - low
+    matrix[np.arange(out_size), low] = 1.0 - frac
+    matrix[np.arange(out_size), low + 1] += frac
+    return matrix
+
+
+class Decoder(nnx.Module):
+    """InfoPro's decoder (``Decoder`` of blackfeather-wang/InfoPro-Pytorch): bilinear upsampling with aligned
+    corners to ``image_size`` × ``image_size`` → conv 3×3 (12 channels) → BatchNorm → ReLU → conv 3×3 (3 channels)
+    → sigmoid, an image in ``[0, 1]`` whose cross-entropy against the input estimates ``I(h, x)``.
+    """
+
+    def __init__(self, in_features: int, image_size: int, *, batchnorm: bool = True, dtype=None, rngs: nnx.Rngs):
+        self.image_size = image_size
+        self.conv1 = conv3x3(in_features, 12, use_bias=True, dtype=dtype, rngs=rngs)
+        self.bn = batch_norm(12, rngs, dtype) if batchnorm else None
+        self.conv2 = conv3x3(12, 3, use_bias=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        size = self.image_size
+        rows = jnp.asarray(bilinear_matrix(t.shape[1], size), t.dtype)
+        cols = jnp.asarray(bilinear_matrix(t.shape[2], size), t.dtype)
+        y = jnp.einsum("oh,nhwc,pw->nopc", rows, t, cols)
+        y = self.conv1(y)
+        if self.bn is not None:
+            y = self.bn(y)
+        return nnx.sigmoid(self.conv2(nnx.relu(y)))
+
+
+class HeadWithExtras(nnx.Module):
+    """A classifier head and extra modules on the same stage output, all trained by the stage's objective.
+
+    ``head(t)`` is the classifier's logits, so the model classifies as the plain head would; the schedulers call
+    :meth:`outputs`, which also applies each extra module to the stage output (e.g. the convolution before the
+    similarity matrix of ``predsim``, or InfoPro's decoder), for the objective to use.
+    """
+
+    def __init__(self, classifier: nnx.Module, extras: dict[str, nnx.Module]):
+        self.classifier = classifier
+        self.extras = nnx.Dict(extras)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        return self.classifier(t)
+
+    def outputs(self, classifier_input: jax.Array, t: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The classifier's logits on ``classifier_input`` and every extra module's output on ``t``."""
+        return self.classifier(classifier_input), {name: module(t) for name, module in self.extras.items()}
 
 
 class Chain(nnx.Module):
