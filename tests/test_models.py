@@ -618,3 +618,18 @@ def test_decoder_upsamples_to_the_image_and_outputs_probabilities():
     y = decoder(t)
     assert y.shape == (BATCH, 32, 32, 3)
     assert float(jnp.min(y)) > 0 and float(jnp.max(y)) < 1
+
+
+def test_prediction_head_gradient_under_jit_is_the_adjoint_of_its_pool():
+    # The head's pool is linear, so the gradient of <head(t), g> is its adjoint applied to W g; built here column by
+    # column from the NumPy pool. Differentiating under jit is what training does.
+    channels, size = 2, 6
+    head = M.PredictionHead(channels, size, NUM_CLASSES, max_features=8, rngs=rngs())
+    head.linear.kernel[...] = jnp.asarray(np.random.default_rng(5).normal(size=head.linear.kernel.shape))
+    cotangent = np.random.default_rng(6).normal(size=(1, NUM_CLASSES))
+    t = np.random.default_rng(7).normal(size=(1, size, size, channels)).astype(np.float32)
+    gradient = jax.jit(jax.grad(lambda t: jnp.sum(head(t) * cotangent)))(jnp.asarray(t))
+    basis = np.eye(size * size * channels).reshape(-1, 1, size, size, channels)
+    pool_matrix = np.stack([np_avg_pool_including_padding(e, head.kernel, head.padding).ravel() for e in basis], 1)
+    expected = pool_matrix.T @ (np.asarray(head.linear.kernel[...], np.float64) @ cotangent[0])
+    np.testing.assert_allclose(gradient.reshape(-1), expected, rtol=1e-4, atol=1e-5)

@@ -405,15 +405,7 @@ class PredictionHead(nnx.Module):
     def __call__(self, t: jax.Array) -> jax.Array:
         (kh, kw), (ph, pw) = self.kernel, self.padding
         if (kh, kw) != (1, 1):
-            summed = jax.lax.reduce_window(
-                t,
-                jnp.zeros((), t.dtype),
-                jax.lax.add,
-                (1, kh, kw, 1),
-                (1, kh, kw, 1),
-                ((0, 0), (ph, ph), (pw, pw), (0, 0)),
-            )
-            t = summed / (kh * kw)
+            t = nnx.avg_pool(t, (kh, kw), strides=(kh, kw), padding=((ph, ph), (pw, pw)), count_include_pad=True)
         return self.linear(t.reshape(t.shape[0], -1))
 
 
