@@ -478,10 +478,14 @@ class Decoder(nnx.Module):
         rows = jnp.asarray(bilinear_matrix(t.shape[1], size), t.dtype)
         cols = jnp.asarray(bilinear_matrix(t.shape[2], size), t.dtype)
         y = jnp.einsum("oh,nhwc,pw->nopc", rows, t, cols)
-        y = self.conv1(y)
-        if self.bn is not None:
-            y = self.bn(y)
-        return nnx.sigmoid(self.conv2(nnx.relu(y)))
+        # Many channels in, few out, at the image's full resolution: there the patches form of a convolution holds
+        # 9 × in_features values per pixel and is slower on CPU than XLA's own convolution
+        # (``python -m benchmarks.decoder_speed``).
+        with native_convolutions():
+            y = self.conv1(y)
+            if self.bn is not None:
+                y = self.bn(y)
+            return nnx.sigmoid(self.conv2(nnx.relu(y)))
 
 
 class HeadWithExtras(nnx.Module):
