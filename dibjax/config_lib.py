@@ -94,6 +94,7 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     config.data.train_limit = 0
     config.data.test_limit = 0
     config.data.validation_size = 0  # >0: hold out this many training images and evaluate on them, not on test
+    config.data.label_noise = 0.0  # fraction of training labels replaced by another class (symmetric noise)
     config.data.image_size = 32
     config.data.crop_padding = 4
     config.data.download = True  # tfds source: fetch and prepare CIFAR on first use

@@ -144,6 +144,8 @@ def _header(config: ml_collections.ConfigDict, workdir: Workdir, trainer: Traine
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     evaluated = "validation" if config.data.get("validation_size") else "test"
     where = f"{config.data.source} {config.data.dir}" if config.data.dir else config.data.source
+    if config.data.get("label_noise"):
+        where += f", {config.data.label_noise:.0%} of training labels noisy"
     _print(
         f"dibjax: {config.data.name} {config.get('variant', '')} · scheduler {config.scheduler}, objective "
         f"{config.objective.name}, {config.model.name} in {trainer.num_stages} stages · workdir {workdir.path}"

@@ -150,6 +150,48 @@ def test_validation_split_is_held_out_of_train_and_replaces_test(tmp_path):
         data.load(_config(dir=str(tmp_path), validation_size=40))
 
 
+def test_noisy_labels_change_the_stated_fraction_to_other_classes_uniformly():
+    num_classes, n = 5, 20_000
+    labels = (np.arange(n) % num_classes).astype(np.int32)
+    noisy = data.noisy_labels(labels, 0.4, num_classes)
+    changed = noisy != labels
+    assert changed.sum() == 8_000 and noisy.dtype == labels.dtype
+    np.testing.assert_array_equal(labels, np.arange(n) % num_classes)  # the input is left alone
+    # Each wrong label is one of the C − 1 other classes with equal probability: the offsets are uniform on 1…C−1.
+    offsets = np.bincount((noisy[changed] - labels[changed]) % num_classes, minlength=num_classes)
+    assert offsets[0] == 0
+    np.testing.assert_allclose(offsets[1:] / changed.sum(), 1 / (num_classes - 1), atol=0.02)
+    # The changed samples are spread over the classes, not a block of them.
+    np.testing.assert_allclose(np.bincount(labels[changed]) / changed.sum(), 1 / num_classes, atol=0.02)
+    np.testing.assert_array_equal(data.noisy_labels(labels, 0.4, num_classes), noisy)  # one fixed draw
+    np.testing.assert_array_equal(data.noisy_labels(labels, 0.0, num_classes), labels)
+    for rate in (1.0, -0.1, "0.2", True):
+        with pytest.raises(errors.ConfigError, match=r"label_noise must be a fraction in \[0, 1\)"):
+            data.noisy_labels(labels, rate, num_classes)
+
+
+def test_label_noise_is_applied_before_the_validation_split_and_never_to_test(tmp_path):
+    train_images, train_labels = _write_npz(tmp_path / "train.npz", 40)
+    _, test_labels = _write_npz(tmp_path / "test.npz", 20)
+    by_image = {img.tobytes(): label for img, label in zip(train_images, train_labels, strict=True)}
+    noisy_train, test, _ = data.load(_config(dir=str(tmp_path), label_noise=0.25))
+    assert (noisy_train.labels != train_labels).sum() == 10
+    np.testing.assert_array_equal(test.labels, test_labels)
+    # Held-out labels carry the same noise as in the full noisy training set: the split does not redraw it.
+    noisy_by_image = {img.tobytes(): label for img, label in zip(noisy_train.images, noisy_train.labels, strict=True)}
+    train, validation, _ = data.load(_config(dir=str(tmp_path), label_noise=0.25, validation_size=10))
+    for part in (train, validation):
+        assert all(noisy_by_image[img.tobytes()] == label for img, label in zip(part.images, part.labels, strict=True))
+    wrong = sum(
+        by_image[img.tobytes()] != label for img, label in zip(validation.images, validation.labels, strict=True)
+    )
+    assert 0 < wrong < 10
+    with pytest.raises(
+        errors.ConfigError, match=r"config.label_noise must be a fraction in \[0, 1\) \(0: none\), got 1.5"
+    ):
+        data.load(_config(dir=str(tmp_path / "absent"), label_noise=1.5))
+
+
 def test_npz_image_size_mismatch(tmp_path):
     _write_npz(tmp_path / "train.npz", 4, size=8)
     _write_npz(tmp_path / "test.npz", 4, size=8)

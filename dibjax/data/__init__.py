@@ -45,7 +45,8 @@ This package re-exports the public names of its modules; import them from ``dibj
   :func:`checked_dataset`.
 * :mod:`dibjax.data.npz`, :mod:`dibjax.data.cifar` (the ``tfds`` source), :mod:`dibjax.data.gtsrb`:
   the sources; :mod:`dibjax.data.download`: the download helper they share.
-* :mod:`dibjax.data.pipeline`: fixed-shuffle subsets, :func:`split_validation` and the batches.
+* :mod:`dibjax.data.pipeline`: fixed-shuffle subsets, :func:`split_validation`, :func:`noisy_labels` and the
+  batches.
 * :mod:`dibjax.data.augmentation`: :func:`augment` and :func:`normalize`.
 """
 
@@ -64,7 +65,14 @@ from dibjax.data.augmentation import augment, normalize
 from dibjax.data.cifar import download_cifar, prepare_tfds_cifar
 from dibjax.data.dataset import DATASETS, ArrayDataset, DatasetInfo, checked_dataset
 from dibjax.data.gtsrb import download_gtsrb
-from dibjax.data.pipeline import eval_batches, prefetch, split_validation, steps_per_epoch, train_batches
+from dibjax.data.pipeline import (
+    eval_batches,
+    noisy_labels,
+    prefetch,
+    split_validation,
+    steps_per_epoch,
+    train_batches,
+)
 
 __all__ = [
     "DATASETS",
@@ -80,6 +88,7 @@ __all__ = [
     "normalize",
     "prefetch",
     "prepare_tfds_cifar",
+    "noisy_labels",
     "split_validation",
     "steps_per_epoch",
     "train_batches",
@@ -131,6 +140,10 @@ def load(config: Any) -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
               images (a fixed seed-0 shuffle, the same for every run) and return them in place of
               the test split, for choosing hyper-parameters without looking at the test set.
               Applied before ``train_limit``/``test_limit``.
+            * ``label_noise`` (optional, None or 0 for none): the fraction of training labels
+              replaced by a different class drawn uniformly (:func:`noisy_labels`, one fixed draw).
+              Applied to the training split as loaded, before the validation split, so the held-out
+              labels are as noisy as the rest; the test split is never changed.
 
     Returns:
         ``(train, test, info)``, where ``info.image_shape`` is the shape actually loaded (with a
@@ -162,6 +175,9 @@ def load(config: Any) -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
         download = True
     elif not isinstance(download, bool):
         raise errors.ConfigError(f"config.download must be a bool or None (None: True), got {download!r}")
+    label_noise = _field(config, "label_noise") or 0.0
+    if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not 0 <= label_noise < 1:
+        raise errors.ConfigError(f"config.label_noise must be a fraction in [0, 1) (0: none), got {label_noise!r}")
     directory = _field(config, "dir") or None
     if directory is None and source != "tfds":
         raise errors.ConfigError(f"config.dir must name the data folder for source {source!r}")
@@ -178,6 +194,8 @@ def load(config: Any) -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
         train, test = cifar.load_tfds(name, directory, info.num_classes, train_limit, test_limit, download=download)
     else:
         train, test = gtsrb.load_gtsrb(directory, image_size or 32, train_limit, test_limit)
+    if label_noise:
+        train = ArrayDataset(train.images, noisy_labels(train.labels, label_noise, info.num_classes))
     if validation_size is not None:
         train, test = split_validation(train, validation_size)
         train, test = (

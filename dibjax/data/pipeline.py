@@ -14,6 +14,7 @@ from dibjax.data.dataset import ArrayDataset
 
 __all__ = [
     "eval_batches",
+    "noisy_labels",
     "prefetch",
     "split_validation",
     "steps_per_epoch",
@@ -47,6 +48,32 @@ def split_validation(train: ArrayDataset, size: int) -> tuple[ArrayDataset, Arra
         )
     order = np.random.default_rng(0).permutation(len(train))
     return take(train, np.sort(order[size:])), take(train, np.sort(order[:size]))
+
+
+# A stream of its own, not the seed-0 shuffle of the subsets and the validation split: which labels are wrong must
+# not follow which images are held out. Fixed forever, since changing it changes every noisy run's data.
+_LABEL_NOISE_STREAM = 5
+
+
+def noisy_labels(labels: np.ndarray, rate: float, num_classes: int) -> np.ndarray:
+    """Symmetric label noise: ``round(rate · n)`` labels, each replaced by a different class drawn uniformly.
+
+    Which labels change, and to what, is one fixed draw (independent of the run's seed), so that every seed and
+    every method trains on the same noisy data. Each changed label is wrong, so a fraction ``rate`` of the labels
+    is wrong; a classifier's expected accuracy on such labels is ``(1 − rate)·a + rate·(1 − a)/(C − 1)`` for its
+    accuracy ``a`` on the true labels, increasing in ``a`` while ``rate < (C − 1)/C``, so accuracy on noisy
+    held-out labels ranks settings as the true labels would.
+    """
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise errors.ConfigError(f"label_noise must be a fraction in [0, 1), got {rate!r}")
+    if num_classes < 2:
+        raise errors.ConfigError(f"label noise needs at least 2 classes, got num_classes={num_classes}")
+    rng = np.random.default_rng([_LABEL_NOISE_STREAM, 0])
+    changed = rng.permutation(len(labels))[: round(rate * len(labels))]
+    noisy = labels.copy()
+    # Adding 1 … C−1 modulo C moves a label to each other class with equal probability.
+    noisy[changed] = (labels[changed] + rng.integers(1, num_classes, len(changed))) % num_classes
+    return noisy
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
