@@ -122,7 +122,15 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     # Every objective's options, so any can be overridden (e.g. --config.objective.dib.beta=0.01); only the section
     # of config.objective.name is read.
     config.objective.dib = ml_collections.ConfigDict(
-        {"beta": 0.001, "gamma": 0.0, "compression": "entropy", "alpha": 1.01, "width": "median", "pool": 4}
+        {
+            "beta": 0.001,
+            "beta_growth": 1.0,
+            "gamma": 0.0,
+            "compression": "entropy",
+            "alpha": 1.01,
+            "width": "median",
+            "pool": 4,
+        }
     )
     config.objective.predsim = ml_collections.ConfigDict({"beta": 0.99, "similarity_conv": True})
     config.objective.hsic = ml_collections.ConfigDict({"beta": 500.0, "sigma": 5.0, "epsilon": 1e-5})

@@ -28,7 +28,8 @@ The objectives:
   compression ``C`` one of ``S_α(T_k)`` (``"entropy"``: for a deterministic map ``I(X; T) = H(T)``),
   ``I_α(X; T_k)`` (``"mi_input"``), ``I_α(T_{k-1}; T_k)`` (``"mi_prev"``, along the Markov chain) or nothing
   (``"none"``), as in Lyu, Wu & Du, "Information-Theoretic Greedy Layer-wise Training for Traffic Sign
-  Recognition" (arXiv:2510.27651, 2025).
+  Recognition" (arXiv:2510.27651, 2025). β may change from stage to stage (:class:`DIB`) and may be negative,
+  which rewards information kept rather than compressing it.
 * ``predsim``: ``(1 − β) CE(g_k(T_k), Y) + β ||S(c_k(T_k)) − S(Y)||²`` (mean over the ``n²`` entries), the local
   loss of Nøkland & Eidnes, "Training Neural Networks with Local Error Signals" (ICML 2019), ``S`` being the cosine
   similarity matrix of centred rows and ``c_k`` a 3×3 convolution carried by the head; a feature map enters as the
@@ -137,10 +138,15 @@ class HeadOnly(CrossEntropy):
 
 @dataclasses.dataclass(frozen=True)
 class DIB:
-    """``CE(g_k(T_k), Y) + β C(T_k) − γ I_α(T_k; Y)`` with the compression ``C`` named by ``compression``.
+    """``CE(g_k(T_k), Y) + β_k C(T_k) − γ I_α(T_k; Y)`` with the compression ``C`` named by ``compression``.
+
+    ``β_k = β · r^(k / (K − 1))`` for stage ``k`` of ``K`` (from 0), ``r`` being ``beta_growth``: β at the first
+    stage, ``β·r`` at the last, geometric in between (``r > 1``: stronger compression in later stages).
 
     Attributes:
-      beta: weight β >= 0 of the compression term (bits).
+      beta: weight β of the compression term (bits) at the first stage. β > 0 compresses ``T_k`` (the DIB
+        direction); β < 0 rewards keeping information in it (the direction of InfoPro's reconstruction term).
+      beta_growth: ratio r > 0 of the last stage's β to the first's (1: the same β at every stage).
       gamma: weight γ >= 0 of the matrix-based relevance ``I_α(T_k; Y)`` (label kernel ``[y_i = y_j]``).
       compression: ``"entropy"`` (``S_α(T_k)``), ``"mi_input"`` (``I_α(X; T_k)``), ``"mi_prev"``
         (``I_α(T_{k-1}; T_k)``) or ``"none"``.
@@ -151,6 +157,7 @@ class DIB:
     """
 
     beta: float = 0.001
+    beta_growth: float = 1.0
     gamma: float = 0.0
     compression: str = "entropy"
     alpha: float = 1.01
@@ -165,11 +172,19 @@ class DIB:
             raise ConfigError(f"dib: unknown compression {self.compression!r}; accepted: {', '.join(COMPRESSIONS)}")
         if self.width not in entropy.WIDTH_RULES:
             raise ConfigError(f"dib: unknown width rule {self.width!r}; accepted: {', '.join(entropy.WIDTH_RULES)}")
-        _check_number("dib", "beta", self.beta)
+        _check_number("dib", "beta", self.beta, minimum=-math.inf)
+        _check_number("dib", "beta_growth", self.beta_growth, strict=True)
         _check_number("dib", "gamma", self.gamma)
         _check_number("dib", "alpha", self.alpha, strict=True)
         _check_number("dib", "label_smoothing", self.label_smoothing)
         _check_pool("dib", self.pool)
+
+    def for_stage(self, stage: int, num_stages: int) -> DIB:
+        """The loss of stage ``stage`` (from 0) of ``num_stages``: this one with β replaced by ``β_k``."""
+        if self.beta_growth == 1.0 or num_stages == 1:
+            return self
+        beta = self.beta * self.beta_growth ** (stage / (num_stages - 1))
+        return dataclasses.replace(self, beta=beta, beta_growth=1.0)
 
     def _gram(self, x: Array) -> Array:
         return entropy.normalize_gram(entropy.gram_matrix(reduce_features(x, self.pool), width=self.width))

@@ -111,6 +111,22 @@ class TestDIB:
         assert float(terms["I_TY"]) == pytest.approx(i_ty, rel=1e-7)
         assert float(loss) == pytest.approx(np_cross_entropy(logits, y) - 0.2 * i_ty, rel=1e-8)
 
+    @pytest.mark.parametrize("compression,name", [("entropy", "H_T"), ("mi_prev", "I_prev")])
+    def test_a_negative_beta_rewards_the_information_term(self, compression, name):
+        data = batch(seed=6)
+        loss, terms = call(objectives.DIB(beta=-0.2, compression=compression, pool=2), *data)
+        assert float(terms[name]) > 0
+        assert float(loss) == pytest.approx(np_cross_entropy(data[1], data[2]) - 0.2 * float(terms[name]), rel=1e-8)
+
+    def test_beta_grows_geometrically_from_the_first_stage_to_the_last(self):
+        objective = objectives.DIB(beta=0.01, beta_growth=100.0, gamma=0.3, compression="mi_input")
+        betas = [objective.for_stage(k, 3).beta for k in range(3)]
+        np.testing.assert_allclose(betas, [0.01, 0.1, 1.0], rtol=1e-12)
+        assert objective.for_stage(1, 3) == objectives.DIB(beta=betas[1], gamma=0.3, compression="mi_input")
+        assert objective.for_stage(0, 1) == objective
+        negative = objectives.DIB(beta=-0.02, beta_growth=0.5)
+        np.testing.assert_allclose([negative.for_stage(k, 5).beta for k in (0, 4)], [-0.02, -0.01], rtol=1e-12)
+
     def test_without_information_terms_it_is_the_cross_entropy(self):
         data = batch()
         loss, terms = call(objectives.DIB(beta=0.5, compression="none"), *data)
@@ -142,7 +158,7 @@ class TestDIB:
         [
             ({"compression": "mutual"}, "unknown compression 'mutual'"),
             ({"width": "scott"}, "unknown width rule 'scott'"),
-            ({"beta": -0.1}, "beta must be >= 0"),
+            ({"beta_growth": 0.0}, "beta_growth must be > 0"),
             ({"alpha": 0.0}, "alpha must be > 0"),
             ({"pool": -1}, "pool must be an int >= 0"),
             ({"beta": float("nan")}, "beta must be a finite number"),
