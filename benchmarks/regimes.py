@@ -154,6 +154,9 @@ def configure(
     if regime.train_fraction < 1:
         # The same number of images with and without the held-out split, so that the search's choice transfers.
         config.data.train_limit = round(regime.train_fraction * train_size)
+    # The results are each phase's last evaluation; a long run on few images would spend most of its time scoring
+    # 10,000 test images after every epoch.
+    config.train.eval_every_epochs = max(1, regime.epochs // 4)
     config.train.progress = False
     return config
 

@@ -163,6 +163,9 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     # >0: then train every head for this many epochs on the frozen stages (the HSIC bottleneck's "format" phase)
     config.train.format_epochs = 0
     config.train.log_every_steps = 20
+    # Score the evaluation split after every N-th epoch of a phase and after its last (each phase's last epoch
+    # gives the run's results, so N changes no result, only the per-epoch curve and the time evaluation takes).
+    config.train.eval_every_epochs = 1
     config.train.checkpoint = True
     config.train.overwrite = False  # start over in a workdir that holds another config's run
     config.train.progress = True  # progress bars, drawn only when the console is a terminal
@@ -297,8 +300,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     stage_dropout = config.train.get("stage_dropout", 0.0)
     if isinstance(stage_dropout, bool) or not isinstance(stage_dropout, int | float) or not 0 <= stage_dropout < 1:
         raise ConfigError(f"train.stage_dropout must be a number in [0, 1), got {stage_dropout!r}")
-    for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps"):
-        value = config.train[field]
+    for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "eval_every_epochs"):
+        value = config.train.get(field, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"train.{field} must be a positive integer, got {value!r}")
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:

@@ -162,7 +162,7 @@ def epoch_records(
     epoch: int,
     phase_epoch: int,
     totals: dict,
-    test: dict,
+    test: dict | None,
     timing: dict[str, float],
 ) -> list[dict]:
     """The ``metrics.jsonl`` records of one epoch: one per head the phase evaluates (one end to end).
@@ -176,7 +176,8 @@ def epoch_records(
     * ``train_loss``: the stage's objective averaged over the epoch's steps; ``train_accuracy``: its head's accuracy
       on the (augmented) training batches.
     * ``test_loss``, ``test_accuracy``: cross-entropy and accuracy on the evaluation split (the test set, or the
-      held-out validation images with ``data.validation_size``) of the network up to the stage, with its head.
+      held-out validation images with ``data.validation_size``) of the network up to the stage, with its head;
+      ``null`` for an epoch not evaluated (``train.eval_every_epochs``; a phase's last epoch always is).
     * ``images_per_second``: training images per second of the epoch's steps; ``seconds``: the epoch's wall time,
       evaluation included; ``elapsed_seconds``: wall time of the run so far, over every invocation that
       contributed a kept epoch.
@@ -201,8 +202,8 @@ def epoch_records(
             "format_phase": phase.format,
             "train_loss": float(totals["loss"][k] / steps),
             "train_accuracy": float(totals["correct"][k] / totals["count"]),
-            "test_loss": test[k]["loss"],
-            "test_accuracy": test[k]["accuracy"],
+            "test_loss": None if test is None else test[k]["loss"],
+            "test_accuracy": None if test is None else test[k]["accuracy"],
             "images_per_second": float(totals["count"] / timing["train_seconds"]),
             "seconds": timing["seconds"],
             "learning_rate": float(trainer.lr_schedules[group](phase_epoch * steps - 1)),
@@ -405,7 +406,10 @@ def _train(
                 host = jax.device_get(totals)
                 _check_finite(state, where, trainer.steps_per_epoch, epoch)
                 train_seconds = time.perf_counter() - epoch_start
-                test = trainer.evaluate(phase_index, state, test_ds, eval_batch_size)
+                evaluated = (
+                    phase_epoch == phase.num_epochs or phase_epoch % config.train.get("eval_every_epochs", 1) == 0
+                )
+                test = trainer.evaluate(phase_index, state, test_ds, eval_batch_size) if evaluated else None
                 stop.raise_if_requested(every_process=True)
                 timing = {
                     "train_seconds": train_seconds,
@@ -427,9 +431,9 @@ def _train(
                     ) from e
                 for r in new_records:
                     shown = where if r["stage"] is None or phase.stage is not None else f"head {r['stage']}, {where}"
+                    scored = f"test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f}" if test else "not evaluated"
                     _print(
-                        f"{shown}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f} | "
-                        f"test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f} | "
+                        f"{shown}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f} | {scored} | "
                         f"{r['images_per_second']:.0f} img/s"
                     )
                 if checkpoints is not None:

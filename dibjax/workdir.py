@@ -37,7 +37,12 @@ SUMMARY_FILE = "summary.json"
 GRADIENT_FILE = "gradient_norms.jsonl"
 ANALYSIS_FILE = "analysis.json"
 # Fields that do not change what a run computes, so that resuming may differ in them.
-RESUMABLE_FIELDS = {("train", "overwrite"), ("train", "progress"), ("train", "log_every_steps")}
+RESUMABLE_FIELDS = {
+    ("train", "overwrite"),
+    ("train", "progress"),
+    ("train", "log_every_steps"),
+    ("train", "eval_every_epochs"),
+}
 # What belongs to a run's results, removed when a run of another configuration starts over in the folder.
 _RUN_FILES = ("checkpoints", QUARANTINE, METRICS_FILE, SUMMARY_FILE, GRADIENT_FILE, ANALYSIS_FILE, "figures")
 

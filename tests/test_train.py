@@ -205,6 +205,25 @@ def test_greedy_run_records_every_term_and_resumes_inside_a_stage(tiny_data, tmp
     assert resumed["stage_accuracies"] == straight["stage_accuracies"]
 
 
+def test_evaluating_every_other_epoch_scores_each_phase_at_its_end_and_changes_no_result(tiny_data, tmp_path):
+    overrides = {"model.split": "groups", "model.num_groups": 2, "train.stage_epochs": (3, 1)}
+    every = train.train_and_evaluate(smoke_config(tiny_data, "greedy_ce", **overrides), tmp_path / "every")
+    config = smoke_config(tiny_data, "greedy_ce", **overrides, **{"train.eval_every_epochs": 2})
+    sparse = train.train_and_evaluate(config, tmp_path / "sparse")
+    records = [json.loads(line) for line in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["test_accuracy"] is not None) for r in records] == [
+        (1, False),
+        (2, True),
+        (3, True),
+        (4, True),
+    ]
+    assert records[0]["test_loss"] is None and set(records[0]) == RECORD_KEYS | {"grad_norm", "ce"}
+    assert sparse["stage_accuracies"] == every["stage_accuracies"]
+    jax.tree.map(np.testing.assert_array_equal, final_state(tmp_path / "every"), final_state(tmp_path / "sparse"))
+    with pytest.raises(errors.ConfigError, match="train.eval_every_epochs must be a positive integer, got 0"):
+        config_lib.check_config(smoke_config(tiny_data, "greedy_ce", **{"train.eval_every_epochs": 0}))
+
+
 def test_format_phase_trains_the_heads_after_the_stages(tiny_data, tmp_path):
     overrides = {"model.split": "groups", "model.num_groups": 2, "train.num_epochs": 1, "train.format_epochs": 1}
     summary = train.train_and_evaluate(smoke_config(tiny_data, "hsic", **overrides), tmp_path / "run")
