@@ -11,7 +11,8 @@ labels). Each regime (:data:`REGIMES`) changes the ``cpu`` recipe in one of thes
 
 * ``thin``: VGG-11 at width 8 (8 stages, 8/16/32/64/64 channels) with linear heads (global pool → linear);
 * ``data10`` / ``data25``: 10% / 25% of the CIFAR-10 subset, trained long enough to fit it;
-* ``noise20`` / ``noise40``: 20% / 40% of the training labels replaced by another class (``data.label_noise``);
+* ``noise20`` / ``noise40``: ``data25`` with 20% / 40% of its training labels replaced by another class
+  (``data.label_noise``), ``data25`` being their clean control;
 * ``gtsrb10``: 10% of the GTSRB training images.
 
 Every method of a regime trains the same number of epochs ``E`` per stage it trains (the accuracy protocol's
@@ -82,8 +83,14 @@ REGIMES = {
     ),
     "data10": Regime("small CNN (width 16), 10% of the CIFAR-10 subset", "cifar10", 60, NARROW_CNN, 0.10),
     "data25": Regime("small CNN (width 16), 25% of the CIFAR-10 subset", "cifar10", 30, NARROW_CNN, 0.25),
-    "noise20": Regime("small CNN (width 16), 20% noisy labels", "cifar10", 17, {**NARROW_CNN, "data.label_noise": 0.2}),
-    "noise40": Regime("small CNN (width 16), 40% noisy labels", "cifar10", 17, {**NARROW_CNN, "data.label_noise": 0.4}),
+    # Label noise on data25's images and budget, so that data25 is its clean control; long enough on 6,000 images
+    # for the network to start fitting the wrong labels.
+    "noise20": Regime(
+        "data25 with 20% of its labels noisy", "cifar10", 30, {**NARROW_CNN, "data.label_noise": 0.2}, 0.25
+    ),
+    "noise40": Regime(
+        "data25 with 40% of its labels noisy", "cifar10", 30, {**NARROW_CNN, "data.label_noise": 0.4}, 0.25
+    ),
     "gtsrb10": Regime("small CNN (width 16), 10% of the GTSRB training images", "gtsrb", 40, NARROW_CNN, 0.10),
 }
 METHODS = ("sgd", "greedy_ce", "dgl", "infopro", "random", "greedy_dib")
