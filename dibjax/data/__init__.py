@@ -85,10 +85,10 @@ __all__ = [
     "download_gtsrb",
     "eval_batches",
     "load",
+    "noisy_labels",
     "normalize",
     "prefetch",
     "prepare_tfds_cifar",
-    "noisy_labels",
     "split_validation",
     "steps_per_epoch",
     "train_batches",
@@ -176,8 +176,7 @@ def load(config: Any) -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
     elif not isinstance(download, bool):
         raise errors.ConfigError(f"config.download must be a bool or None (None: True), got {download!r}")
     label_noise = _field(config, "label_noise") or 0.0
-    if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not 0 <= label_noise < 1:
-        raise errors.ConfigError(f"config.label_noise must be a fraction in [0, 1) (0: none), got {label_noise!r}")
+    pipeline.check_noise_rate(label_noise, "config.label_noise")
     directory = _field(config, "dir") or None
     if directory is None and source != "tfds":
         raise errors.ConfigError(f"config.dir must name the data folder for source {source!r}")

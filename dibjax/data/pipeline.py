@@ -55,6 +55,12 @@ def split_validation(train: ArrayDataset, size: int) -> tuple[ArrayDataset, Arra
 _LABEL_NOISE_STREAM = 5
 
 
+def check_noise_rate(rate: float, name: str) -> None:
+    """Refuses a label-noise rate outside [0, 1), naming the field ``name``."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise errors.ConfigError(f"{name} must be a fraction in [0, 1) (0: none), got {rate!r}")
+
+
 def noisy_labels(labels: np.ndarray, rate: float, num_classes: int) -> np.ndarray:
     """Symmetric label noise: ``round(rate · n)`` labels, each replaced by a different class drawn uniformly.
 
@@ -64,8 +70,7 @@ def noisy_labels(labels: np.ndarray, rate: float, num_classes: int) -> np.ndarra
     accuracy ``a`` on the true labels, increasing in ``a`` while ``rate < (C − 1)/C``, so accuracy on noisy
     held-out labels ranks settings as the true labels would.
     """
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-        raise errors.ConfigError(f"label_noise must be a fraction in [0, 1), got {rate!r}")
+    check_noise_rate(rate, "label_noise")
     if num_classes < 2:
         raise errors.ConfigError(f"label noise needs at least 2 classes, got num_classes={num_classes}")
     rng = np.random.default_rng([_LABEL_NOISE_STREAM, 0])
