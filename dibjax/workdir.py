@@ -43,6 +43,12 @@ RESUMABLE_FIELDS = {
     ("train", "log_every_steps"),
     ("train", "eval_every_epochs"),
 }
+# Fields added after runs were first saved, each with the value that computes what runs saved before it computed:
+# a saved config lacking one of them is read with this value, so that such runs can still be resumed.
+ADDED_FIELDS = {
+    ("data", "label_noise"): 0.0,
+    ("objective", "dib", "beta_growth"): 1.0,
+}
 # What belongs to a run's results, removed when a run of another configuration starts over in the folder.
 _RUN_FILES = ("checkpoints", QUARANTINE, METRICS_FILE, SUMMARY_FILE, GRADIENT_FILE, ANALYSIS_FILE, "figures")
 
@@ -100,6 +106,8 @@ class Workdir:
         except (OSError, ValueError) as e:
             raise WorkdirError(f"cannot read {saved_path} ({e}); delete it or use another workdir") from e
         saved_flat, current_flat = _flat(saved), _flat(json.loads(config.to_json()))
+        for field, value in ADDED_FIELDS.items():
+            saved_flat.setdefault(field, value)
         return {
             ".".join(k): (saved_flat.get(k), current_flat.get(k))
             for k in sorted(set(saved_flat) | set(current_flat))

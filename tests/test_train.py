@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dibjax import config_lib, errors, train, trainer
+from dibjax import config_lib, errors, train, trainer, workdir
 from tests.runs import ROOT, smoke_config, stop_at_evaluation
 
 RECORD_KEYS = {
@@ -276,3 +276,20 @@ def test_blas_is_single_threaded_inside_training_and_restored_after():
         inside = blas_threads()
     assert set(inside) == set(before) and set(inside.values()) == {1}
     assert blas_threads() == before
+
+
+def test_a_run_saved_before_a_field_existed_resumes_when_the_field_keeps_its_old_value(tmp_path):
+    config = config_lib.get_config("cifar10", "smoke,greedy_dib")
+    saved = json.loads(config.to_json())
+    for *parents, leaf in workdir.ADDED_FIELDS:
+        node = saved
+        for parent in parents:
+            node = node[parent]
+        del node[leaf]
+    (tmp_path / workdir.CONFIG_FILE).write_text(json.dumps(saved))
+    folder = workdir.Workdir(tmp_path)
+    folder.check(config)  # the fields' old values: the same run
+
+    config.data.label_noise = 0.2
+    with pytest.raises(errors.WorkdirError, match=r"data.label_noise: 0.0 -> 0.2"):
+        folder.check(config)
