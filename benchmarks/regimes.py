@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -171,11 +173,17 @@ def configure(
 class Ledger:
     """The study's finished runs, a compact record each (accuracies, wall time, and for analysed runs each stage's
     final H(T), I(X;T), I(T;Y)), kept in one JSON file beside the docs: the tables can be rebuilt, and the study
-    continued on another machine, without the run folders. ``None`` keeps nothing."""
+    continued on another machine, without the run folders. ``None`` keeps nothing.
+
+    Several processes may share one file (regimes split over cores): each write takes a lock, reads the records
+    the others wrote since, and replaces the file with the union."""
 
     def __init__(self, path: str | pathlib.Path | None):
         self.path = pathlib.Path(path) if path else None
-        self.records = json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
+        self.records = self._read()
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.records
@@ -184,9 +192,13 @@ class Ledger:
         return self.records[key]
 
     def add(self, key: str, record: dict) -> None:
-        self.records[key] = record
-        if self.path:
-            partial = self.path.with_suffix(".partial")
+        if not self.path:
+            self.records[key] = record
+            return
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.records = {**self.records, **self._read(), key: record}
+            partial = self.path.with_suffix(f".partial{os.getpid()}")
             partial.write_text(json.dumps(dict(sorted(self.records.items())), indent=1) + "\n")
             partial.replace(self.path)
 

@@ -162,3 +162,13 @@ def test_final_table_pairs_differences_by_seed():
     results = {"greedy_ce": _runs([0.70, 0.80]), "greedy_dib": _runs([0.72, 0.79])}
     row = regimes.final_table(results)[-1]
     assert "+0.50 ± 2.12 (+2.00 / -1.00)" in row and "| 75.50 ± 4.95 | 72.00 / 79.00 |" in row
+
+
+def test_ledgers_of_two_processes_on_one_file_keep_each_others_records(tmp_path):
+    path = tmp_path / "ledger.json"
+    first, second = regimes.Ledger(path), regimes.Ledger(path)
+    first.add("thin/search/ce", {"test_accuracy": 0.5})
+    second.add("data10/final/sgd-s0", {"test_accuracy": 0.6})
+    first.add("thin/search/sgd", {"test_accuracy": 0.7})
+    assert set(json.loads(path.read_text())) == {"thin/search/ce", "thin/search/sgd", "data10/final/sgd-s0"}
+    assert "data10/final/sgd-s0" in first and regimes.Ledger(path)["thin/search/sgd"] == {"test_accuracy": 0.7}
