@@ -24,10 +24,12 @@ rerun):
 
 1. ``search`` (seed 0, on ``--validation`` images held out of the training data; the test set is not read): ``sgd``,
    greedy CE (``ce``) and greedy DIB in two rounds (:data:`ROUND_1`, :data:`ROUND_2_CHANGES`). Round 1 varies β of
-   the entropy compression over a log grid of both signs (β > 0 compresses, the DIB direction; β < 0 keeps information,
-   InfoPro's direction). Round 2 starts from round 1's best β and changes one thing at a time: the compression
-   (``mi_input``, ``mi_prev``), α = 2, the relevance term γ, and β growing or shrinking tenfold from the first
-   stage to the last. The best setting of both rounds is the regime's ``greedy_dib``.
+   the entropy compression over a log grid of both signs (β > 0 compresses, the DIB direction; β < 0 keeps
+   information, InfoPro's direction); where the best β is at an end of the grid, the grid goes on past that end
+   (:data:`EDGE_FACTOR`, at most :data:`MAX_EDGE_STEPS` steps). Round 2 starts from round 1's best β and changes one
+   thing at a time: the compression (``mi_input``, ``mi_prev``), α = 2, the relevance term γ, and β growing or
+   shrinking tenfold from the first stage to the last. The best setting of both rounds is the regime's
+   ``greedy_dib``.
 2. ``final`` (seeds ``--seeds``, test set): every method of the regime, ``greedy_dib`` at the chosen setting and at
    the shipped default (β = 0.001, entropy); for the chosen and the default setting and greedy CE, seed 0 is also
    analysed (:mod:`dibjax.analysis`, at its last epoch on 512 training images) for each stage's H(T), I(X;T) and
@@ -108,6 +110,10 @@ def _entropy(beta: float) -> dict:
 
 # Round 1: greedy CE (None), then the entropy compression's β on a log grid of both signs.
 ROUND_1 = (None, *(_entropy(beta) for beta in (-0.01, -0.001, 0.001, 0.01, 0.03)))
+# A best β at an end of the grid is not a choice but a bound: the grid goes on past that end, each step
+# EDGE_FACTOR times the last β, while the newest β is the best and at most MAX_EDGE_STEPS times.
+EDGE_FACTOR = 3.0
+MAX_EDGE_STEPS = 3
 ROUND_2_CHANGES = (
     {"compression": "mi_input"},
     {"compression": "mi_prev"},
@@ -263,13 +269,24 @@ def search(name: str, regime: Regime, data_dir: str, args, *, run_missing: bool 
         complete &= validation_run(label, "greedy_ce" if setting is None else "greedy_dib", setting)
     if not complete:
         return None
-    best_1 = max((k for k, v in settings.items() if v is not None), key=lambda k: runs[k]["test_accuracy"])
-    for setting in round_2(settings[best_1]):
+
+    def best_label() -> str:
+        return max((k for k, v in settings.items() if v is not None), key=lambda k: runs[k]["test_accuracy"])
+
+    betas = sorted(setting["beta"] for setting in ROUND_1 if setting is not None)
+    for _ in range(MAX_EDGE_STEPS):
+        best_beta = settings[best_label()]["beta"]
+        if best_beta not in (betas[0], betas[-1]):
+            break
+        beta = float(f"{best_beta * EDGE_FACTOR:.3g}")
+        betas = sorted((*betas, beta))
+        if not validation_run(setting_label(_entropy(beta)), "greedy_dib", _entropy(beta)):
+            return None
+    for setting in round_2(settings[best_label()]):
         complete &= validation_run(setting_label(setting), "greedy_dib", setting)
     if not complete:
         return None
-    best = max((k for k, v in settings.items() if v is not None), key=lambda k: runs[k]["test_accuracy"])
-    return Search(runs, settings, dict(settings[best]))
+    return Search(runs, settings, dict(settings[best_label()]))
 
 
 def final_arms(regime: Regime, chosen: Mapping[str, Any]) -> dict[str, tuple[str, dict | None]]:

@@ -172,3 +172,31 @@ def test_ledgers_of_two_processes_on_one_file_keep_each_others_records(tmp_path)
     first.add("thin/search/sgd", {"test_accuracy": 0.7})
     assert set(json.loads(path.read_text())) == {"thin/search/ce", "thin/search/sgd", "data10/final/sgd-s0"}
     assert "data10/final/sgd-s0" in first and regimes.Ledger(path)["thin/search/sgd"] == {"test_accuracy": 0.7}
+
+
+def test_a_best_beta_at_an_end_of_the_grid_extends_the_grid_past_that_end(data_dir, tmp_path, monkeypatch):
+    # Accuracy rises towards negative β until β = -0.09: the grid goes on twice past -0.01, then stops.
+    score = {"entropy-0.01": 0.6, "entropy-0.03": 0.65, "entropy-0.09": 0.7, "entropy-0.27": 0.55}
+    labels = []
+
+    def fake_train(config, workdir):
+        workdir = pathlib.Path(workdir)
+        labels.append(workdir.name)
+        workdir.mkdir(parents=True)
+        accuracy = score.get(workdir.name, 0.5)
+        summary = {"test_accuracy": accuracy, "stage_accuracies": [accuracy], "num_epochs": 1, "wall_seconds": 1.0}
+        (workdir / "summary.json").write_text(json.dumps(summary))
+
+    monkeypatch.setattr(regimes.train, "train_and_evaluate", fake_train)
+    args = argparse.Namespace(workdir=str(tmp_path / "runs"), validation=4_000, ledger=regimes.Ledger(None))
+    found = regimes.search("thin", regimes.REGIMES["thin"], data_dir, args)
+    extension = labels[1 + len(regimes.ROUND_1) : -len(regimes.ROUND_2_CHANGES)]
+    assert extension == ["entropy-0.03", "entropy-0.09", "entropy-0.27"]
+    assert found.chosen == {"compression": "entropy", "beta": -0.09}
+    assert labels[-len(regimes.ROUND_2_CHANGES) :][0] == "mi_input-0.09"
+    # An interior best β adds nothing to round 1's grid.
+    labels.clear()
+    score = {"entropy+0.001": 0.6}
+    args.workdir, args.ledger = str(tmp_path / "other"), regimes.Ledger(None)
+    regimes.search("thin", regimes.REGIMES["thin"], data_dir, args)
+    assert len(labels) == 1 + len(regimes.ROUND_1) + len(regimes.ROUND_2_CHANGES)
