@@ -310,7 +310,7 @@ def final(
     for seed in args.seeds:
         for label, (method, setting) in final_arms(regime, chosen).items():
             # The chosen setting's label is in the folder's name, so a changed choice is a new run.
-            tag = label if setting is None else f"{label}[{setting_label(setting)}]"
+            tag = label if setting is None else f"{label}({setting_label(setting)})"
             key = f"{name}/final/{tag}-s{seed}"
             if not run_missing and not finished(args, key):
                 continue

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -115,7 +116,16 @@ class Workdir:
         }
 
     def check(self, config: ml_collections.ConfigDict) -> None:
-        """Refuses a folder holding a run of another configuration, unless ``train.overwrite``; writes nothing."""
+        """Refuses a folder holding a run of another configuration, unless ``train.overwrite``, and a path that
+        orbax cannot checkpoint into; writes nothing."""
+        # orbax merges each checkpoint's per-process OCDBT files by globbing the checkpoint's full path, so a
+        # "[...]" in the path is read as a character class: nothing is merged, and every checkpoint saved there
+        # is unreadable although its save reports success.
+        if re.search(r"\[[^]]*\]", os.fspath(self.path)):
+            raise WorkdirError(
+                f"workdir {self.path}: a path holding '[...]' is read as a glob pattern by orbax, which then saves "
+                "checkpoints that cannot be restored; use a path without square brackets"
+            )
         differences = self.config_differences(config)
         if differences and not config.train.overwrite:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differences.items())

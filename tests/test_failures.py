@@ -12,10 +12,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from dibjax import checkpoints, config_lib, data, errors, models, streams, train, trainer
+from dibjax import workdir as workdir_lib
 from tests.runs import CLI, ROOT, smoke_args, smoke_config, stop_at_evaluation
 
 
@@ -358,3 +360,28 @@ def test_the_first_step_never_deletes_the_models_own_arrays(tiny_data):
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state.params))  # donated, as on any device count
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(run_trainer.net.initial_params))
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(run_trainer.create_state()))
+
+
+def test_a_workdir_with_a_bracketed_name_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("data loaded before the workdir was checked"))
+    workdir = tmp_path / "greedy_dib[entropy+0.001]-s0"
+    with pytest.raises(errors.WorkdirError, match=r"greedy_dib\[entropy\+0\.001\]-s0: a path holding '\[\.\.\.\]'"):
+        train.train_and_evaluate(smoke_config(tmp_path / "data"), workdir)
+    assert not workdir.exists()
+    # One bracket alone is no character class.
+    workdir_lib.Workdir(tmp_path / "run[1").check(smoke_config(tmp_path / "data"))
+
+
+@pytest.mark.parametrize("name", ["plain", "run[a]"])
+def test_orbax_restores_from_a_path_with_brackets_only_when_they_hold_no_character_class(tmp_path, name):
+    """Why the refusal above: if orbax ever reads "run[a]" back, the refusal can go."""
+    tree = {"x": jnp.arange(3.0)}
+    with ocp.CheckpointManager(tmp_path / name) as manager:
+        manager.save(1, args=ocp.args.StandardSave(tree))
+        manager.wait_until_finished()
+        if name == "plain":
+            restored = manager.restore(1, args=ocp.args.StandardRestore(tree))
+            np.testing.assert_array_equal(restored["x"], tree["x"])
+        else:
+            with pytest.raises(ValueError, match="does not exist"):
+                manager.restore(1, args=ocp.args.StandardRestore(tree))

@@ -123,8 +123,8 @@ def test_final_runs_every_arm_per_seed_and_analyses_seed_0s_greedy_runs(data_dir
     }
     assert sorted(analysed) == [
         ("greedy_ce-s3", [7]),
-        ("greedy_dib[mi_prev+0.01]-s3", [7]),
-        ("greedy_dib_default[entropy+0.001]-s3", [7]),
+        ("greedy_dib(mi_prev+0.01)-s3", [7]),
+        ("greedy_dib_default(entropy+0.001)-s3", [7]),
     ]
     rows = regimes.information_table(results)[2:]
     assert len(rows) == 3 and "| greedy_ce | 3.00 / 2.50 | 3.00 / 2.50 | 1.50 / 2.00 |" in rows
