@@ -23,13 +23,13 @@ Two phases, each resumable (a finished run's record in ``--ledger`` or folder in
 rerun):
 
 1. ``search`` (seed 0, on ``--validation`` images held out of the training data; the test set is not read): ``sgd``,
-   greedy CE (``ce``) and greedy DIB in two rounds (:data:`ROUND_1`, :data:`ROUND_2_CHANGES`). Round 1 varies β of
+   greedy CE (``ce``) and greedy DIB in three rounds (:data:`ROUND_1`, :data:`ROUND_2_CHANGES`, β). Round 1 varies β of
    the entropy compression over a log grid of both signs (β > 0 compresses, the DIB direction; β < 0 keeps
    information, InfoPro's direction); where the best β is at an end of the grid, the grid goes on past that end
    (:data:`EDGE_FACTOR`, at most :data:`MAX_EDGE_STEPS` steps). Round 2 starts from round 1's best β and changes one
    thing at a time: the compression (``mi_input``, ``mi_prev``), α = 2, the relevance term γ, and β growing or
-   shrinking tenfold from the first stage to the last. The best setting of both rounds is the regime's
-   ``greedy_dib``.
+   shrinking tenfold from the first stage to the last. Round 3 tries the best setting so far at β/3 and 3β, going
+   on past an end the same way. The best setting of the three rounds is the regime's ``greedy_dib``.
 2. ``final`` (seeds ``--seeds``, test set): every method of the regime, ``greedy_dib`` at the chosen setting and at
    the shipped default (β = 0.001, entropy); for the chosen and the default setting and greedy CE, seed 0 is also
    analysed (:mod:`dibjax.analysis`, at its last epoch on 512 training images) for each stage's H(T), I(X;T) and
@@ -110,8 +110,9 @@ def _entropy(beta: float) -> dict:
 
 # Round 1: greedy CE (None), then the entropy compression's β on a log grid of both signs.
 ROUND_1 = (None, *(_entropy(beta) for beta in (-0.01, -0.001, 0.001, 0.01, 0.03)))
-# A best β at an end of the grid is not a choice but a bound: the grid goes on past that end, each step
-# EDGE_FACTOR times the last β, while the newest β is the best and at most MAX_EDGE_STEPS times.
+# A best β at an end of a line of β is not a choice but a bound: the line goes on past that end, each step
+# EDGE_FACTOR times further out, while the newest β is the best and at most MAX_EDGE_STEPS times (round 1's grid,
+# and round 3's line β/3, β, 3β around round 2's best setting).
 EDGE_FACTOR = 3.0
 MAX_EDGE_STEPS = 3
 ROUND_2_CHANGES = (
@@ -273,18 +274,36 @@ def search(name: str, regime: Regime, data_dir: str, args, *, run_missing: bool 
     def best_label() -> str:
         return max((k for k, v in settings.items() if v is not None), key=lambda k: runs[k]["test_accuracy"])
 
-    betas = sorted(setting["beta"] for setting in ROUND_1 if setting is not None)
-    for _ in range(MAX_EDGE_STEPS):
-        best_beta = settings[best_label()]["beta"]
-        if best_beta not in (betas[0], betas[-1]):
-            break
-        beta = float(f"{best_beta * EDGE_FACTOR:.3g}")
-        betas = sorted((*betas, beta))
-        if not validation_run(setting_label(_entropy(beta)), "greedy_dib", _entropy(beta)):
-            return None
+    def beta_line(base: Mapping[str, Any], betas: list[float]) -> bool:
+        """Runs ``base`` at ``betas``, then goes on past an end of that line of β while the best setting is there:
+        each step :data:`EDGE_FACTOR` times further from the line's other values, at most :data:`MAX_EDGE_STEPS`."""
+        others = {k: v for k, v in base.items() if k != "beta"}
+        for beta in betas:
+            if not validation_run(setting_label({**others, "beta": beta}), "greedy_dib", {**others, "beta": beta}):
+                return False
+        line = sorted({base["beta"], *betas})
+        for _ in range(MAX_EDGE_STEPS):
+            best = settings[best_label()]
+            if {k: v for k, v in best.items() if k != "beta"} != others or best["beta"] not in (line[0], line[-1]):
+                break
+            edge = best["beta"]
+            neighbour = line[1] if edge == line[0] else line[-2]
+            factor = EDGE_FACTOR if abs(edge) > abs(neighbour) else 1 / EDGE_FACTOR
+            beta = float(f"{edge * factor:.3g}")
+            line = sorted((*line, beta))
+            if not validation_run(setting_label({**others, "beta": beta}), "greedy_dib", {**others, "beta": beta}):
+                return False
+        return True
+
+    round_1_betas = [setting["beta"] for setting in ROUND_1 if setting is not None]
+    if not beta_line(_entropy(round_1_betas[0]), round_1_betas[1:]):
+        return None
     for setting in round_2(settings[best_label()]):
         complete &= validation_run(setting_label(setting), "greedy_dib", setting)
     if not complete:
+        return None
+    best = settings[best_label()]
+    if not beta_line(best, [float(f"{best['beta'] * f:.3g}") for f in (1 / EDGE_FACTOR, EDGE_FACTOR)]):
         return None
     return Search(runs, settings, dict(settings[best_label()]))
 

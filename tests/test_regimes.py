@@ -82,7 +82,10 @@ def test_the_search_reads_only_held_out_images_and_chooses_the_best_validation_s
     )
     found = regimes.search("data10", regimes.REGIMES["data10"], data_dir, args)
     assert all(config.data.validation_size == 4_000 for config in seen)
-    assert len(seen) == 1 + len(regimes.ROUND_1) + len(regimes.ROUND_2_CHANGES)
+    # Round 3: the best setting at β/3 and 3β, neither better.
+    assert len(seen) == 1 + len(regimes.ROUND_1) + len(regimes.ROUND_2_CHANGES) + 2
+    assert [c.objective.dib.beta for c in seen[-2:]] == [-0.000333, -0.003]
+    assert all(c.objective.dib.beta_growth == 10.0 for c in seen[-2:])
     assert found.chosen == {"compression": "entropy", "beta": -0.001, "beta_growth": 10.0}
     assert list(found.runs)[:2] == ["sgd", "ce"]
     # Read back from the ledger alone (the run folders gone), nothing runs again.
@@ -174,9 +177,11 @@ def test_ledgers_of_two_processes_on_one_file_keep_each_others_records(tmp_path)
     assert "data10/final/sgd-s0" in first and regimes.Ledger(path)["thin/search/sgd"] == {"test_accuracy": 0.7}
 
 
-def test_a_best_beta_at_an_end_of_the_grid_extends_the_grid_past_that_end(data_dir, tmp_path, monkeypatch):
-    # Accuracy rises towards negative β until β = -0.09: the grid goes on twice past -0.01, then stops.
+def test_a_best_beta_at_an_end_of_a_line_extends_the_line_past_that_end(data_dir, tmp_path, monkeypatch):
+    # Round 1: accuracy rises towards negative β until β = -0.09: the grid goes on twice past -0.01, then stops.
+    # Round 3 from mi_input at -0.09: β/3 is worse, 3β better, and 9β worse again.
     score = {"entropy-0.01": 0.6, "entropy-0.03": 0.65, "entropy-0.09": 0.7, "entropy-0.27": 0.55}
+    score |= {"mi_input-0.09": 0.72, "mi_input-0.27": 0.74, "mi_input-0.81": 0.73}
     labels = []
 
     def fake_train(config, workdir):
@@ -190,13 +195,16 @@ def test_a_best_beta_at_an_end_of_the_grid_extends_the_grid_past_that_end(data_d
     monkeypatch.setattr(regimes.train, "train_and_evaluate", fake_train)
     args = argparse.Namespace(workdir=str(tmp_path / "runs"), validation=4_000, ledger=regimes.Ledger(None))
     found = regimes.search("thin", regimes.REGIMES["thin"], data_dir, args)
-    extension = labels[1 + len(regimes.ROUND_1) : -len(regimes.ROUND_2_CHANGES)]
-    assert extension == ["entropy-0.03", "entropy-0.09", "entropy-0.27"]
-    assert found.chosen == {"compression": "entropy", "beta": -0.09}
-    assert labels[-len(regimes.ROUND_2_CHANGES) :][0] == "mi_input-0.09"
-    # An interior best β adds nothing to round 1's grid.
+    round_1 = 1 + len(regimes.ROUND_1)
+    assert labels[round_1 : round_1 + 3] == ["entropy-0.03", "entropy-0.09", "entropy-0.27"]
+    round_2 = labels[round_1 + 3 : round_1 + 3 + len(regimes.ROUND_2_CHANGES)]
+    assert round_2[0] == "mi_input-0.09" and all("-0.09" in label for label in round_2)
+    assert labels[round_1 + 3 + len(regimes.ROUND_2_CHANGES) :] == ["mi_input-0.03", "mi_input-0.27", "mi_input-0.81"]
+    assert found.chosen == {"compression": "mi_input", "beta": -0.27}
+    # An interior best β adds nothing to the lines: round 1's grid, round 2, then β/3 and 3β.
     labels.clear()
     score = {"entropy+0.001": 0.6}
     args.workdir, args.ledger = str(tmp_path / "other"), regimes.Ledger(None)
     regimes.search("thin", regimes.REGIMES["thin"], data_dir, args)
-    assert len(labels) == 1 + len(regimes.ROUND_1) + len(regimes.ROUND_2_CHANGES)
+    assert len(labels) == 1 + len(regimes.ROUND_1) + len(regimes.ROUND_2_CHANGES) + 2
+    assert labels[-2:] == ["entropy+0.000333", "entropy+0.003"]
