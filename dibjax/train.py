@@ -130,11 +130,16 @@ def _percent(accuracy: float) -> str:
     return f"{100 * accuracy:.2f}%"
 
 
-def _finished_line(summary: dict[str, Any], path) -> str:
+def _scored_on(config: ml_collections.ConfigDict) -> str:
+    """The images a run is scored on: the held-out validation split when it has one, else the test set."""
+    return "validation" if config.data.get("validation_size") else "test"
+
+
+def _finished_line(summary: dict[str, Any], path, scored_on: str) -> str:
     heads = summary.get("stage_accuracies")
     per_stage = f" (heads: {' / '.join(f'{100 * a:.1f}' for a in heads)}%)" if heads else ""
     return (
-        f"test accuracy {_percent(summary['test_accuracy'])}{per_stage} after {summary['num_epochs']} epochs, "
+        f"{scored_on} accuracy {_percent(summary['test_accuracy'])}{per_stage} after {summary['num_epochs']} epochs, "
         f"{summary['wall_seconds']:.0f} s of training; summary: {path}"
     )
 
@@ -142,7 +147,7 @@ def _finished_line(summary: dict[str, Any], path) -> str:
 def _header(config: ml_collections.ConfigDict, workdir: Workdir, trainer: Trainer, train_ds, test_ds) -> None:
     devices = jax.devices()
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
-    evaluated = "validation" if config.data.get("validation_size") else "test"
+    evaluated = _scored_on(config)
     where = f"{config.data.source} {config.data.dir}" if config.data.dir else config.data.source
     if config.data.get("label_noise"):
         where += f", {config.data.label_noise:.0%} of training labels noisy"
@@ -280,7 +285,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Workdir, sto
     analyse = bool(config.analysis.enabled)
     finished = workdir.finished_summary(config)
     if finished is not None and not (analyse and not workdir.file(ANALYSIS_FILE).exists()):
-        _print(f"{workdir.path} holds this finished run: {_finished_line(finished, workdir.file('summary.json'))}")
+        line = _finished_line(finished, workdir.file("summary.json"), _scored_on(config))
+        _print(f"{workdir.path} holds this finished run: {line}")
         return finished
 
     if analyse and jax.process_count() > 1:
@@ -313,7 +319,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Workdir, sto
     path = workdir.write_summary(summary)
     if analyse:
         summary = _analyse(workdir, trainer, train_ds, summary)
-    _print(f"finished: {_finished_line(summary, path)}")
+    _print(f"finished: {_finished_line(summary, path, _scored_on(config))}")
     return summary
 
 
@@ -431,7 +437,11 @@ def _train(
                     ) from e
                 for r in new_records:
                     shown = where if r["stage"] is None or phase.stage is not None else f"head {r['stage']}, {where}"
-                    scored = f"test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f}" if test else "not evaluated"
+                    scored = (
+                        f"{_scored_on(config)} loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f}"
+                        if test
+                        else "not evaluated"
+                    )
                     _print(
                         f"{shown}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f} | {scored} | "
                         f"{r['images_per_second']:.0f} img/s"

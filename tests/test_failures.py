@@ -325,6 +325,17 @@ def test_rerunning_a_finished_run_neither_loads_data_nor_builds_a_model(tiny_dat
     assert capsys.readouterr().out.startswith(f"{tmp_path} holds this finished run: test accuracy")
 
 
+def test_a_run_scored_on_validation_images_says_so_in_every_line(tiny_data, tmp_path, capsys):
+    config = smoke_config(tiny_data, **{"train.num_epochs": 1, "data.validation_size": 16})
+    train.train_and_evaluate(config, tmp_path)
+    lines = capsys.readouterr().out.splitlines()
+    assert "80 training / 16 validation images" in lines[1]
+    scored = [line for line in lines if " acc " in line or "accuracy" in line]
+    assert scored and all("validation" in line and "test " not in line for line in scored), scored
+    train.train_and_evaluate(config, tmp_path)
+    assert capsys.readouterr().out.startswith(f"{tmp_path} holds this finished run: validation accuracy")
+
+
 # --------------------------------------------------------------------------- seeds and donation
 
 
