@@ -19,7 +19,7 @@ import pathlib
 import statistics
 import sys
 
-from dibjax import config_lib, train
+from dibjax import cli, config_lib, train
 
 
 def run(dataset: str, data_dir: str, method: str, seed: int, workdir: pathlib.Path) -> dict:
@@ -78,4 +78,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.errors_as_lines():
+        main()

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dibjax import cli
 from dibjax.models import layers
 
 # (channels, size) of stage outputs a decoder reads: the cpu small CNN's first three stages, then ResNet-32's groups.
@@ -72,4 +73,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.errors_as_lines():
+        main()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from dibjax import config_lib, train
+from dibjax import cli, config_lib, train
 
 # name: (objective, overrides of config.objective.dib)
 SETTINGS = {
@@ -104,4 +104,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.errors_as_lines():
+        main()

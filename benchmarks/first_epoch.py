@@ -17,7 +17,7 @@ import math
 
 import jax
 
-from dibjax import config_lib, data, trainer
+from dibjax import cli, config_lib, data, trainer
 
 
 def first_epoch_loss(config, train_ds, info) -> float:
@@ -68,4 +68,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.errors_as_lines():
+        main()

@@ -26,7 +26,7 @@ import tempfile
 import jax
 import numpy as np
 
-from dibjax import config_lib, train
+from dibjax import cli, config_lib, train
 
 
 def make_subset(source: str, out: str, train_size: int, test_size: int) -> None:
@@ -139,4 +139,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.errors_as_lines():
+        main()

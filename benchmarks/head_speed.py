@@ -18,7 +18,7 @@ import jax
 
 from benchmarks.memory import HEADS
 from benchmarks.objective_cost import random_batches, stage_step_seconds
-from dibjax import config_lib, data, train, trainer
+from dibjax import cli, config_lib, data, train, trainer
 
 
 def make_trainer(head: str, args) -> trainer.Trainer:
@@ -66,5 +66,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with train.single_threaded_blas():
+    with cli.errors_as_lines(), train.single_threaded_blas():
         main()

@@ -22,7 +22,7 @@ import sys
 
 from benchmarks.dib_sweep import validation_run
 from benchmarks.memory import HEADS
-from dibjax import config_lib
+from dibjax import cli, config_lib
 
 
 def run(model: str, head: str, seed: int, args) -> dict:
@@ -72,4 +72,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.errors_as_lines():
+        main()

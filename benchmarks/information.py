@@ -25,7 +25,7 @@ import pathlib
 
 import numpy as np
 
-from dibjax import analysis, config_lib, plots, train
+from dibjax import analysis, cli, config_lib, plots, train
 from dibjax.workdir import ANALYSIS_FILE
 
 
@@ -123,4 +123,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.errors_as_lines():
+        main()

@@ -30,7 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dibjax import config_lib, data, models, trainer
+from dibjax import cli, config_lib, data, models, trainer
 
 MB = 2**20
 HEADS = {
@@ -109,4 +109,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.errors_as_lines():
+        main()

@@ -34,7 +34,7 @@ import sys
 
 import ml_collections
 
-from dibjax import config_lib, train
+from dibjax import cli, config_lib, train
 
 ARMS = ("sgd", "greedy_sl", "dgl", "infopro")
 # (λ1 of the first module, λ1 of the (K−1)-th, λ2 of the first, λ2 of the (K−1)-th): --ixx_1, --ixx_2, --ixy_1,
@@ -122,4 +122,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.errors_as_lines():
+        main()

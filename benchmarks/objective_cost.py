@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from dibjax import config_lib, data, train, trainer
+from dibjax import cli, config_lib, data, train, trainer
 
 
 def make_trainer(objective: str, args) -> trainer.Trainer:
@@ -103,5 +103,5 @@ def stage_step_seconds(trainers: dict[str, trainer.Trainer], k: int, batches: li
 
 
 if __name__ == "__main__":
-    with train.single_threaded_blas():
+    with cli.errors_as_lines(), train.single_threaded_blas():
         main()

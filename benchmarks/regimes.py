@@ -58,7 +58,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from dibjax import analysis, config_lib, train
+from dibjax import analysis, cli, config_lib, train
 from dibjax.workdir import ANALYSIS_FILE
 
 
@@ -436,8 +436,14 @@ def main() -> None:
 
     folders = {"cifar10": args.cifar10, "gtsrb": args.gtsrb}
     for name in args.regimes:
-        if not folders[REGIMES[name].dataset]:
-            parser.error(f"regime {name!r} needs --{REGIMES[name].dataset}")
+        dataset = REGIMES[name].dataset
+        if not folders[dataset]:
+            parser.error(f"regime {name!r} needs --{dataset}")
+        if not (pathlib.Path(folders[dataset]) / "train.npz").is_file():
+            parser.error(
+                f"--{dataset} {folders[dataset]!r} holds no train.npz: it takes a folder of train.npz and "
+                "test.npz (the npz source of dibjax.data)"
+            )
     run_missing = not args.table_only
     for name in args.regimes:
         regime = REGIMES[name]
@@ -459,4 +465,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.errors_as_lines():
+        main()

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dibjax import config_lib, data, host_memory, models, optim, streams, trainer
+from dibjax import cli, config_lib, data, host_memory, models, optim, streams, trainer
 
 WIDTHS = {"small_cnn": 32, "vgg11": 64}
 
@@ -146,4 +146,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.errors_as_lines():
+        main()

@@ -1,6 +1,7 @@
 """What the command-line tools share: errors as one line, exit statuses, quiet storage libraries.
 
-``python -m dibjax.main`` and ``python -m dibjax.analysis`` run their ``main`` through :func:`run`:
+``python -m dibjax.main`` and ``python -m dibjax.analysis`` run their ``main`` through :func:`run`, the
+benchmarks theirs inside :func:`errors_as_lines`:
 
 * a :class:`~dibjax.errors.RunError` (a mistake in the input or the environment) prints ``error: <message>`` on
   stderr and exits with status 1;
@@ -15,12 +16,13 @@ messages (and asyncio's log none) unless ``--traceback`` is given.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging as std_logging
 import sys
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from absl import app, flags, logging
 
@@ -34,6 +36,26 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+@contextlib.contextmanager
+def errors_as_lines(show_traceback: bool = False) -> Iterator[None]:
+    """Ends the process as the command-line tools do: a :class:`~dibjax.errors.RunError` as ``error: <message>``
+    and status 1, a :class:`~dibjax.errors.RunInterrupted` as its message and status 128 + the signal's number;
+    the traceback as well only with ``show_traceback``. For scripts with their own argument parser, such as the
+    benchmarks: ``with cli.errors_as_lines(): main()``."""
+    try:
+        yield
+    except RunError as e:
+        if show_traceback:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except RunInterrupted as e:
+        if show_traceback:
+            traceback.print_exc()
+        print(str(e), file=sys.stderr)
+        sys.exit(128 + e.signal_number)
+
+
 def _guarded(main: Callable[[list[str]], None], argv: list[str]) -> None:
     if _TRACEBACK.value:
         logging.set_verbosity(logging.WARNING)
@@ -42,18 +64,8 @@ def _guarded(main: Callable[[list[str]], None], argv: list[str]) -> None:
         # orbax's failed background writes also surface as asyncio's "exception was never retrieved".
         std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
         warnings.formatwarning = _format_warning
-    try:
+    with errors_as_lines(_TRACEBACK.value):
         main(argv)
-    except RunError as e:
-        if _TRACEBACK.value:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except RunInterrupted as e:
-        if _TRACEBACK.value:
-            traceback.print_exc()
-        print(str(e), file=sys.stderr)
-        sys.exit(128 + e.signal_number)
 
 
 def _unknown_override(argv: list[str]) -> str | None:

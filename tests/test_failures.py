@@ -157,6 +157,14 @@ def test_a_missing_archive_offline_is_one_line(tmp_path):
     )
 
 
+def test_a_benchmark_reports_a_user_error_in_one_line(tiny_data, tmp_path):
+    # The search's first run is refused by the workdir check, before any data is loaded.
+    command = [sys.executable, "-m", "benchmarks.regimes", "--cifar10", str(tiny_data), "--regimes", "data10"]
+    command += ["--workdir", str(tmp_path / "runs[1]"), "--ledger", ""]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(result, r"runs\[1\].*\[")
+
+
 def test_a_bug_keeps_its_traceback():
     code = "from dibjax import cli; cli.run(lambda argv: 1 / 0)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
