@@ -39,6 +39,9 @@ SETTINGS = {
     "entropy-0.005-alpha2": ("dib", {"compression": "entropy", "beta": 0.005, "alpha": 2.0}),
     "entropy-0.005-pool2": ("dib", {"compression": "entropy", "beta": 0.005, "pool": 2}),
     "entropy-0.005-silverman": ("dib", {"compression": "entropy", "beta": 0.005, "width": "silverman"}),
+    # The information-keeping direction (β < 0) that benchmarks.regimes found best where greedy CE falls short.
+    "entropy-minus-0.01": ("dib", {"compression": "entropy", "beta": -0.01}),
+    "mi_input-minus-0.03": ("dib", {"compression": "mi_input", "beta": -0.03}),
 }
 
 
