@@ -31,9 +31,10 @@ rerun):
    shrinking tenfold from the first stage to the last. Round 3 tries the best setting so far at β/3 and 3β, going
    on past an end the same way. The best setting of the three rounds is the regime's ``greedy_dib``.
 2. ``final`` (seeds ``--seeds``, test set): every method of the regime, ``greedy_dib`` at the chosen setting and at
-   the shipped default (β = 0.001, entropy); for the chosen and the default setting and greedy CE, seed 0 is also
-   analysed (:mod:`dibjax.analysis`, at its last epoch on 512 training images) for each stage's H(T), I(X;T) and
-   I(T;Y).
+   the default the study started from (:data:`DEFAULT_DIB`: entropy, β = 0.001); for the chosen and the default
+   setting and greedy CE, the first seed is also analysed (:mod:`dibjax.analysis`, at its last epoch on 512
+   training images) for each stage's H(T), I(X;T) and I(T;Y). ``--arms`` runs only some arms, so that one
+   regime's final phase can be split over processes.
 
 In the small-data regimes the validation images come from outside the small training set (the held-out images
 are split off first, then the training part is cut to the regime's size), so the search measures what each
@@ -101,6 +102,7 @@ METHODS = ("sgd", "greedy_ce", "dgl", "infopro", "random", "greedy_dib")
 # InfoPro's (λ1 first, λ1 of module K − 1, λ2 first, λ2 of module K − 1) for ResNet-32 in K modules, from their
 # command list: VGG-11's 8 stages take their K = 8 values, the small CNN's 4 stages the defaults (K = 4).
 INFOPRO_LAMBDAS = {"vgg11": (5.0, 0.0, 0.0, 2.0)}
+# The default the study compared (``greedy_dib_default``): dibjax's default before the study chose entropy, β = −0.01.
 DEFAULT_DIB = {"compression": "entropy", "beta": 0.001}
 
 
@@ -323,11 +325,13 @@ def final(
     name: str, regime: Regime, chosen: Mapping[str, Any], data_dir: str, args, *, run_missing: bool = True
 ) -> dict[str, list[dict]]:
     """Every arm of the regime on the test set, over ``args.seeds`` (seeds outermost); finished runs only if not
-    ``run_missing``. Seed 0's greedy runs also carry their analysis."""
+    ``run_missing``. The first seed's greedy runs also carry their analysis."""
     size = training_size(data_dir)
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         for label, (method, setting) in final_arms(regime, chosen).items():
+            if args.arms and label not in args.arms:
+                continue
             # The chosen setting's label is in the folder's name, so a changed choice is a new run.
             tag = label if setting is None else f"{label}({setting_label(setting)})"
             key = f"{name}/final/{tag}-s{seed}"
@@ -427,11 +431,17 @@ def main() -> None:
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
     parser.add_argument("--phases", nargs="+", choices=("search", "final"), default=["search", "final"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--arms", nargs="+", help="final phase: only these arms (the tables' labels), to split a regime over processes"
+    )
     parser.add_argument("--validation", type=int, default=4000, help="held-out training images of the search")
     parser.add_argument("--workdir", default="runs/regimes")
     parser.add_argument("--ledger", default="docs/regimes-runs.json", help="JSON record of finished runs ('' for none)")
     parser.add_argument("--table-only", action="store_true", help="print the tables of finished runs, run nothing")
     args = parser.parse_args()
+    arm_labels = {*METHODS, "greedy_dib_default", *(m for regime in REGIMES.values() for m in regime.extra_methods)}
+    if unknown := sorted(set(args.arms or ()) - arm_labels):
+        parser.error(f"unknown --arms {', '.join(unknown)}; accepted: {', '.join(sorted(arm_labels))}")
     args.ledger = Ledger(args.ledger)
 
     folders = {"cifar10": args.cifar10, "gtsrb": args.gtsrb}

@@ -117,7 +117,7 @@ def test_final_runs_every_arm_per_seed_and_analyses_seed_0s_greedy_runs(data_dir
 
     monkeypatch.setattr(regimes.train, "train_and_evaluate", fake_train)
     monkeypatch.setattr(regimes.analysis, "analyze_workdir", fake_analysis)
-    args = argparse.Namespace(workdir=str(tmp_path / "runs"), seeds=[3, 4], ledger=regimes.Ledger(None))
+    args = argparse.Namespace(workdir=str(tmp_path / "runs"), seeds=[3, 4], arms=None, ledger=regimes.Ledger(None))
     chosen = {"compression": "mi_prev", "beta": 0.01}
     results = regimes.final("data10", regimes.REGIMES["data10"], chosen, data_dir, args)
     assert len(trained) == 2 * (len(regimes.METHODS) + 1) and all(t[3] == 0 for t in trained)
@@ -131,6 +131,31 @@ def test_final_runs_every_arm_per_seed_and_analyses_seed_0s_greedy_runs(data_dir
     ]
     rows = regimes.information_table(results)[2:]
     assert len(rows) == 3 and "| greedy_ce | 3.00 / 2.50 | 3.00 / 2.50 | 1.50 / 2.00 |" in rows
+
+
+def test_final_runs_only_the_arms_asked_for(data_dir, tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train(config, workdir):
+        trained.append((config.method, config.objective.name, config.objective.dib.beta))
+        pathlib.Path(workdir).mkdir(parents=True)
+        summary = {"test_accuracy": 0.5, "stage_accuracies": [0.5], "num_epochs": 7, "wall_seconds": 1.0}
+        (pathlib.Path(workdir) / "summary.json").write_text(json.dumps(summary))
+
+    def fake_analysis(workdir, *, epochs, figures):
+        result = {name: [[1.0]] for name in ("H_T", "I_XT", "I_TY")}
+        (pathlib.Path(workdir) / regimes.ANALYSIS_FILE).write_text(json.dumps(result))
+
+    monkeypatch.setattr(regimes.train, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(regimes.analysis, "analyze_workdir", fake_analysis)
+    args = argparse.Namespace(
+        workdir=str(tmp_path / "runs"), seeds=[5], arms=["sgd", "greedy_dib_default"], ledger=regimes.Ledger(None)
+    )
+    chosen = {"compression": "mi_prev", "beta": 0.01}
+    results = regimes.final("data10", regimes.REGIMES["data10"], chosen, data_dir, args)
+    assert sorted(results) == ["greedy_dib_default", "sgd"]
+    assert [run[:2] for run in sorted(trained)] == [("greedy_dib", "dib"), ("sgd", "ce")]
+    assert sorted(trained)[0][2] == regimes.DEFAULT_DIB["beta"]
 
 
 def test_final_arms_run_the_default_once_when_it_is_chosen():
